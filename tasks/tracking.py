@@ -1,0 +1,213 @@
+"""MLflow: where runs go, what every run records (params, lineage), models and the `champion` alias.
+
+Embedded default: SQLite (`sqlite:///mlflow.db`) plus a local artifact directory, from params.yaml ›
+tracking; `MLFLOW_TRACKING_URI` (e.g. an `mlflow server` on PostgreSQL) overrides it. Nothing here
+keeps an "active run" between calls: MLflow's run stack is thread-local, and Prefect may run tasks on
+other threads, so every call names its run id explicitly.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+import torch
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+from .common import REPO_ROOT
+
+CHAMPION = "champion"
+TAG = "distillery."  # prefix of our own tags
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a task needs to put its run in the right place with the right lineage (picklable)."""
+    tracking_uri: str
+    experiment_id: str
+    store_id: str                 # changes when the tracking store is recreated: part of cache keys
+    parent_run_id: str | None = None
+    lineage: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_tracking_uri(params: dict[str, Any] | None = None) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or (params or {}).get("tracking_uri") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())  # independent of the cwd later
+    return uri
+
+
+def prepare_store(tracking_uri: str) -> None:
+    """Creates the schema once, before any fan-out (parallel first use races on migrations), and
+    switches SQLite to WAL so concurrent writers wait instead of failing with 'database is locked'."""
+    mlflow.set_tracking_uri(tracking_uri)
+    MlflowClient(tracking_uri).search_experiments(max_results=1)
+    if tracking_uri.startswith("sqlite:///"):
+        with contextlib.closing(sqlite3.connect(tracking_uri[len("sqlite:///"):], timeout=30)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+
+
+def experiment_context(name: str, params: dict[str, Any], lineage: dict[str, str]) -> RunContext:
+    """Gets or creates the method's experiment; artifacts go under params' artifact_root."""
+    uri = resolve_tracking_uri(params)
+    prepare_store(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        root = params.get("artifact_root")
+        location = Path(root).resolve().joinpath(name).as_uri() if root and "://" not in root else None
+        if root and "://" in root:
+            location = f"{root.rstrip('/')}/{name}"
+        client.create_experiment(name, artifact_location=location)
+        exp = client.get_experiment_by_name(name)
+    return RunContext(tracking_uri=uri, experiment_id=exp.experiment_id,
+                      store_id=f"{uri}#{exp.experiment_id}@{exp.creation_time}", lineage=dict(lineage))
+
+
+@contextlib.contextmanager
+def parent_run(ctx: RunContext, name: str, tags: dict[str, Any] | None = None) -> Iterator[str]:
+    """A run that spans several tasks (and maybe threads), so it is driven through the client and
+    always ended: FINISHED, FAILED on error, KILLED on interrupt (never left RUNNING)."""
+    client = MlflowClient(ctx.tracking_uri)
+    r = client.create_run(ctx.experiment_id, run_name=name, tags=_tags(ctx, tags))
+    status = RunStatus.FAILED
+    try:
+        yield r.info.run_id
+        status = RunStatus.FINISHED
+    except KeyboardInterrupt:
+        status = RunStatus.KILLED
+        raise
+    finally:
+        client.set_terminated(r.info.run_id, RunStatus.to_string(status))
+
+
+@contextlib.contextmanager
+def run(ctx: RunContext, name: str, tags: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None) -> Iterator[str]:
+    """A run inside one task: the fluent API is safe here (one task, one thread). Nested under
+    ctx.parent_run_id; an exception marks it FAILED."""
+    mlflow.set_tracking_uri(ctx.tracking_uri)
+    with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=name,
+                          parent_run_id=ctx.parent_run_id, tags=_tags(ctx, tags)) as r:
+        if params:
+            mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+        yield r.info.run_id
+
+
+def _tags(ctx: RunContext, tags: dict[str, Any] | None) -> dict[str, str]:
+    out = {f"{TAG}{k}": str(v) for k, v in ctx.lineage.items()}
+    out.update({f"{TAG}{k}": str(v) for k, v in (tags or {}).items()})
+    return out
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def set_tags(run_id: str, tags: dict[str, Any], ctx: RunContext) -> None:
+    client = MlflowClient(ctx.tracking_uri)
+    for k, v in tags.items():
+        client.set_tag(run_id, f"{TAG}{k}", str(v))
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], ctx: RunContext, step: int | None = None) -> None:
+    """Logs to any run by id (e.g. test metrics added to a finished training run)."""
+    from mlflow.entities import Metric
+    import time
+    now = int(time.time() * 1000)
+    MlflowClient(ctx.tracking_uri).log_batch(
+        run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+
+
+def log_learning_curve(history: list[dict[str, float]], title: str) -> None:
+    """Per-epoch losses and validation metrics as `learning_curve.png` on the active run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for key in ("train_loss", "val_loss"):
+        ax_loss.plot(epochs, [h[key] for h in history], label=key)
+    ax_loss.set_xlabel("epoch"); ax_loss.set_yscale("log"); ax_loss.legend()
+    for key in sorted(k for k in history[0] if k.startswith("val_") and k != "val_loss"):
+        ax_metric.plot(epochs, [h[key] for h in history], label=key)
+    ax_metric.set_xlabel("epoch"); ax_metric.legend()
+    fig.suptitle(title); fig.tight_layout()
+    mlflow.log_figure(fig, "learning_curve.png")
+    plt.close(fig)
+
+
+def log_model(model: torch.nn.Module, input_example: torch.Tensor) -> str:
+    """Logs the model to the active run (eager pickle plus the `models/` source, so it loads without
+    this checkout's install) and returns its `models:/<model_id>` URI."""
+    # mlflow warns on every pickled model; we pickle on purpose (see README, "Models in MLflow")
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    info = mlflow.pytorch.log_model(
+        model.cpu().eval(), name="model", input_example=input_example.cpu().numpy(),
+        serialization_format="pickle", code_paths=[str(REPO_ROOT / "models")],
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])  # skips slow requirement inference
+    return info.model_uri
+
+
+def load_model(model_uri: str, ctx: RunContext) -> torch.nn.Module:
+    mlflow.set_tracking_uri(ctx.tracking_uri)
+    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# registry
+
+def register_version(name: str, model_uri: str, run_id: str, ctx: RunContext,
+                     tags: dict[str, Any] | None = None) -> int:
+    """Registers the model logged by `run_id` as a version of `name`; idempotent per run (a cached task
+    that returns the same run does not add versions)."""
+    client = MlflowClient(ctx.tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name)
+    existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    mv = existing[0] if existing else client.create_model_version(name, model_uri, run_id=run_id)
+    for k, v in (tags or {}).items():
+        client.set_model_version_tag(name, mv.version, f"{TAG}{k}", str(v))
+    return int(mv.version)
+
+
+def promote_if_better(name: str, version: int, score: float, higher_is_better: bool,
+                      ctx: RunContext) -> dict[str, Any]:
+    """Records `score` on the version and moves `champion` to it only if it beats the current
+    champion's score; ties keep the old champion."""
+    client = MlflowClient(ctx.tracking_uri)
+    client.set_model_version_tag(name, str(version), f"{TAG}score", repr(float(score)))
+    previous = champion_score(name, ctx)
+    if previous is not None and previous[0] == version:
+        better = True  # re-promoting the same version (a cached rerun) changes nothing
+    else:
+        better = previous is None or (score > previous[1] if higher_is_better else score < previous[1])
+    if better:
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+    return {"name": name, "version": version, "score": score, "champion": better,
+            "previous_champion": None if previous is None else {"version": previous[0], "score": previous[1]}}
+
+
+def champion_score(name: str, ctx: RunContext) -> tuple[int, float] | None:
+    client = MlflowClient(ctx.tracking_uri)
+    try:
+        mv = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+    return int(mv.version), float(mv.tags[f"{TAG}score"])

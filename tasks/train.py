@@ -1,0 +1,168 @@
+"""Training: one loop for teachers, label-only students and distilled students.
+
+`fit` is plain PyTorch (no tracking); `train_model` builds a role's model through the registry, fits it,
+and records the run in MLflow (params, per-epoch metrics, learning curve, model, lineage).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from models import create_model
+from models.distill import DistillationLoss, ForwardHookManager, forward_with_taps
+from models.registry import MethodSpec
+
+from . import tracking
+from .evaluate import classification_metrics
+
+log = logging.getLogger(__name__)
+LABELS_ONLY = {"ce": {"weight": 1.0}}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+
+    @classmethod
+    def from_params(cls, p: dict[str, Any]) -> "TrainConfig":
+        return cls(epochs=int(p["epochs"]), batch_size=int(p["batch_size"]), lr=float(p["lr"]),
+                   weight_decay=float(p.get("weight_decay", 0.0)))
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """What later tasks need of a trained model: where it is logged and how it did on validation."""
+    role: str
+    seed: int
+    run_id: str
+    model_uri: str
+    val_score: float
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_data(spec: MethodSpec, data_dir: str, validate: bool = False):
+    """The method's splits, read by its data stage's module (`tasks.<data_stage>.load_splits`)."""
+    return importlib.import_module(f"tasks.{spec.data_stage}").load_splits(data_dir, validate=validate)
+
+
+def fit(model: nn.Module, train, val, cfg: TrainConfig, *, seed: int, criterion: DistillationLoss,
+        teacher: nn.Module | None = None, taps: dict[str, tuple[str, ...]] | None = None,
+        device: torch.device = torch.device("cpu"),
+        on_epoch: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+    """AdamW with a cosine schedule; returns one row of metrics per epoch.
+
+    A frozen teacher's outputs (logits and tapped features) are computed once for the whole training
+    set in eval mode and indexed per batch: the teacher never changes, so recomputing them is waste.
+    """
+    taps = taps or {}
+    model.to(device)
+    criterion.to(device)
+    x, y = train.x.to(device), train.y.to(device)
+
+    teacher_out = None
+    if criterion.needs_teacher:
+        if teacher is None:
+            raise ValueError("this loss needs a teacher")
+        teacher.to(device).eval()
+        t_hooks = _hooks(teacher, taps.get("teacher", ()))
+        with torch.no_grad():
+            teacher_out = forward_with_taps(teacher, x, t_hooks)
+        t_hooks.clear()
+    s_hooks = _hooks(model, taps.get("student", ()))
+
+    # one forward pass before building the optimizer: losses with learned adapters create them lazily
+    with torch.no_grad():
+        criterion(forward_with_taps(model, x[:2], s_hooks), _index(teacher_out, slice(0, 2)), y[:2])
+    params = list(model.parameters()) + list(criterion.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = -(-len(x) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(seed)
+
+    history = []
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0, loss_sum, parts_sum = time.perf_counter(), 0.0, {}
+        for idx in torch.randperm(len(x), generator=gen).split(cfg.batch_size):
+            idx = idx.to(device)
+            loss, parts = criterion(forward_with_taps(model, x[idx], s_hooks), _index(teacher_out, idx), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.item() * len(idx)
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v * len(idx)
+        row = {"epoch": epoch, "train_loss": loss_sum / len(x), "epoch_seconds": time.perf_counter() - t0,
+               **{f"train_loss_{k}": v / len(x) for k, v in parts_sum.items()}}
+        s_hooks.pop_io_dict()  # the eval pass must not grow the tapped outputs
+        val_metrics = classification_metrics(model, val.x, val.y)
+        row.update({f"val_{k}": v for k, v in val_metrics.items()})
+        history.append(row)
+        if on_epoch:
+            on_epoch(row)
+    s_hooks.clear()
+    return history
+
+
+def _hooks(model: nn.Module, paths: tuple[str, ...]) -> ForwardHookManager:
+    hooks = ForwardHookManager()
+    for path in paths:
+        hooks.add_hook(model, path)
+    return hooks
+
+
+def _index(outputs: dict[str, torch.Tensor] | None, idx) -> dict[str, torch.Tensor] | None:
+    return None if outputs is None else {k: v[idx] for k, v in outputs.items()}
+
+
+def train_model(spec: MethodSpec, role: str, data_dir: str, params: dict[str, Any], seed: int,
+                ctx: tracking.RunContext, teacher: TrainedModel | None = None,
+                extra_tags: dict[str, Any] | None = None) -> TrainedModel:
+    """Trains one role of a method for one seed and records it as an MLflow run.
+
+    Roles: `teacher` (teacher model, labels), `student_labels` (student, labels only) and
+    `student_kd` (student, the method's loss against `teacher`; see `tasks.distill`).
+    """
+    distilled = role == "student_kd"
+    model_name = spec.teacher if role == "teacher" else spec.student
+    terms = params["loss_terms"] if distilled else LABELS_ONLY
+    cfg = TrainConfig.from_params(params["teacher" if role == "teacher" else "student"])
+    device = resolve_device(params.get("device", "auto"))
+    data = load_data(spec, data_dir)
+
+    torch.manual_seed(seed)
+    model = create_model(model_name)
+    criterion = DistillationLoss(terms)
+    teacher_model = tracking.load_model(teacher.model_uri, ctx) if distilled else None
+
+    tags = {"method": spec.name, "role": role, "seed": seed, "model": model_name, "device": str(device)}
+    if distilled:
+        tags.update(teacher_run_id=teacher.run_id, teacher_model_uri=teacher.model_uri)
+    tags.update(extra_tags or {})
+    run_params = {"model": model_name, "seed": seed, "train": asdict(cfg), "loss": terms,
+                  "n_params": sum(p.numel() for p in model.parameters()), "device": str(device)}
+    with tracking.run(ctx, f"{role}-seed{seed}", tags=tags, params=run_params) as run_id:
+        log.info("%s/%s seed %d on %s", spec.name, role, seed, device)  # never a silent CPU fallback
+        history = fit(model, data["train"], data["val"], cfg, seed=seed, criterion=criterion,
+                      teacher=teacher_model, taps=spec.feature_taps if distilled else None, device=device,
+                      on_epoch=lambda row: tracking.mlflow.log_metrics(
+                          {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])))
+        tracking.log_learning_curve(history, f"{spec.name} · {role} · seed {seed}")
+        model_uri = tracking.log_model(model, data["train"].x[:4])
+    return TrainedModel(role=role, seed=seed, run_id=run_id, model_uri=model_uri,
+                        val_score=history[-1][f"val_{spec.primary_metric}"])

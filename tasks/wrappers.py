@@ -1,0 +1,100 @@
+"""Thin Prefect `@task` wrappers over the plain functions of this package.
+
+Retries only where I/O can fail transiently (reading inputs, talking to the tracking server).
+Training steps are cached across flow runs, keyed on their inputs *plus* the content hash of the
+data, the hash of the code in `models/` and `tasks/` (Prefect's TASK_SOURCE sees only this file) and
+the identity of the MLflow store (a cached result names runs that must still exist).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
+
+from models.registry import MethodSpec
+
+from . import distill, evaluate, register, report, tracking
+from .common import REPO_ROOT, hash_path
+from .train import TrainedModel, train_model, load_data
+
+IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10])
+
+
+@functools.cache
+def code_hash() -> str:
+    return hash_path(REPO_ROOT / "models")[:16] + hash_path(REPO_ROOT / "tasks")[:16]
+
+
+def _store_and_code(context: Any, parameters: dict[str, Any]) -> str:
+    return f"{parameters['ctx'].store_id}|{code_hash()}"
+
+
+TRAINING_CACHE = (INPUTS - "ctx") + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_store_and_code)
+
+
+@task(name="validate-inputs", **IO_RETRIES)
+def validate_inputs(spec: MethodSpec, data_dir: str) -> str:
+    """Runs the data stage's Great Expectations suites on the method's inputs; returns their hash."""
+    load_data(spec, data_dir, validate=True)
+    return hash_path(data_dir)
+
+
+@task(name="open-experiment", **IO_RETRIES)
+def open_experiment(name: str, params: dict[str, Any], lineage: dict[str, str]) -> tracking.RunContext:
+    return tracking.experiment_context(name, params, lineage)
+
+
+@task(name="train-teacher", cache_policy=TRAINING_CACHE)
+def train_teacher(spec: MethodSpec, data_dir: str, data_hash: str, params: dict[str, Any], seed: int,
+                  ctx: tracking.RunContext) -> TrainedModel:
+    return train_model(spec, "teacher", data_dir, params, seed, ctx)
+
+
+@task(name="register-teacher", **IO_RETRIES)
+def register_teacher(spec: MethodSpec, teacher: TrainedModel, ctx: tracking.RunContext) -> int:
+    return register.register_teacher(spec, teacher, ctx)
+
+
+@task(name="distill-student", cache_policy=TRAINING_CACHE)
+def distill_student(spec: MethodSpec, teacher: TrainedModel, teacher_version: str, data_dir: str,
+                    data_hash: str, params: dict[str, Any], seed: int, ctx: tracking.RunContext) -> TrainedModel:
+    return distill.distill_student(spec, teacher, teacher_version, data_dir, params, seed, ctx)
+
+
+@task(name="train-baseline", cache_policy=TRAINING_CACHE)
+def train_baseline(spec: MethodSpec, role: str, data_dir: str, data_hash: str, params: dict[str, Any],
+                   seed: int, ctx: tracking.RunContext) -> TrainedModel:
+    if role != "student_labels":
+        raise ValueError(f"method {spec.name}: no trainer for baseline {role!r}")
+    return train_model(spec, role, data_dir, params, seed, ctx)
+
+
+@task(name="evaluate")
+def evaluate_models(spec: MethodSpec, data_dir: str, trained: list[TrainedModel],
+                    ctx: tracking.RunContext) -> list[dict[str, Any]]:
+    return evaluate.evaluate_models(spec, data_dir, trained, ctx)
+
+
+@task(name="check-claim")
+def check_claim(spec: MethodSpec, evaluations: list[dict[str, Any]]) -> dict[str, Any]:
+    return evaluate.check_claim(spec.parsed_claim, evaluate.by_role(evaluations))
+
+
+@task(name="register-models", **IO_RETRIES)
+def register_models(spec: MethodSpec, teacher: TrainedModel, teacher_version: int,
+                    students: list[TrainedModel], evaluations: list[dict[str, Any]],
+                    verdict: dict[str, Any], ctx: tracking.RunContext) -> dict[str, Any]:
+    return register.register_models(spec, teacher, teacher_version, students, evaluations, verdict, ctx)
+
+
+@task(name="write-report", **IO_RETRIES)
+def write_report(spec: MethodSpec, evaluations: list[dict[str, Any]], verdict: dict[str, Any],
+                 registry: dict[str, Any], ctx: tracking.RunContext, extra: dict[str, Any],
+                 path: str | None) -> dict[str, Any]:
+    rep = report.build_report(spec, evaluations, verdict, registry, ctx, extra)
+    report.log_report(rep, ctx)
+    if path:
+        report.write_report(rep, path)
+    return rep
