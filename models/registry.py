@@ -57,7 +57,8 @@ def is_model(name: str) -> bool:
 _OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt,
 }
-_CLAIM_RE = re.compile(r"^\s*(\w+)\.(\w+)\s*(>=|<=|>|<)\s*(\w+)\.(\w+)\s*$")
+_IDENT = r"([A-Za-z_]\w*)"
+_CLAIM_RE = re.compile(rf"^\s*{_IDENT}\.{_IDENT}\s*(>=|<=|>|<)\s*{_IDENT}\.{_IDENT}\s*$")
 
 
 @dataclass(frozen=True)

@@ -107,13 +107,14 @@ def hash_path(path: str | os.PathLike) -> str:
 
 
 def git_commit(repo: str | os.PathLike = ".") -> dict[str, str]:
-    """The commit the code ran from and whether the work tree had uncommitted changes."""
+    """The commit the code ran from and whether tracked files differ from it. dvc.lock is left out:
+    `dvc repro` rewrites it stage by stage, so it is always "modified" while a pipeline runs."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
                               check=True).stdout.strip()
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"))
     except (subprocess.CalledProcessError, FileNotFoundError):
         return {"commit": "unknown", "dirty": "unknown"}
     return {"commit": commit, "dirty": str(dirty).lower()}

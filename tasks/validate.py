@@ -47,7 +47,8 @@ def _describe(r: Any) -> str:
     kwargs = {k: v for k, v in cfg.kwargs.items() if k in ("column", "min_value", "max_value", "value_set")
               and not (k == "value_set" and len(v) > 10)}
     observed = r.result.get("observed_value", r.result.get("unexpected_count"))
-    return f"{cfg.type}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) observed {observed}"
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    return f"{cfg.type}({', '.join(f'{k}={fmt(v)}' for k, v in kwargs.items())}) observed {fmt(observed)}"
 
 
 # ---------------------------------------------------------------------------------------------------

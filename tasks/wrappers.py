@@ -16,10 +16,21 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 from models.registry import MethodSpec
 
 from . import distill, evaluate, register, report, tracking
-from .common import REPO_ROOT, hash_path
+from .common import REPO_ROOT, StageError, hash_path
 from .train import TrainedModel, train_model, load_data
 
-IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10])
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry I/O failures, but not bad input: a StageError will fail the same way again."""
+    try:
+        state.result()
+    except StageError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient)
 
 
 @functools.cache

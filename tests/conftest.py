@@ -1,0 +1,18 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture
+def tracking_ctx(tmp_path, monkeypatch):
+    """A RunContext on a fresh SQLite store in tmp_path (no server)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from tasks import tracking
+    params = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_root": str(tmp_path / "art")}
+    return tracking.experiment_context("test-exp", params, {"git_commit": "abc"})

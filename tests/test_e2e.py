@@ -1,0 +1,151 @@
+"""The whole default pipeline through `dvc repro`, in a temporary copy of the repository."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+
+def sh(cmd, cwd, env, check=True):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, shell=isinstance(cmd, str))
+    if check and proc.returncode:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Copies the committed and untracked-but-not-ignored files, commits them, runs `dvc repro`."""
+    root = tmp_path_factory.mktemp("e2e") / "repo"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for f in filter(None, files):
+        if (REPO / f).is_file():
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, root / f)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               GIT_AUTHOR_NAME="e2e", GIT_AUTHOR_EMAIL="e2e@localhost",
+               GIT_COMMITTER_NAME="e2e", GIT_COMMITTER_EMAIL="e2e@localhost")
+    sh("git init -q && git add -A && git commit -qm e2e", root, env)
+    first = sh(["dvc", "repro"], root, env)
+    return root, env, first
+
+
+def client_for(root):
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(f"sqlite:///{root}/mlflow.db")
+
+
+def test_metrics_file_holds_roles_and_claim(pipeline):
+    root, _, _ = pipeline
+    for method in ("hinton_kd", "fitnet_hint"):
+        rep = json.loads((root / "metrics" / f"{method}.json").read_text())
+        assert set(rep["roles"]) == {"teacher", "student_kd", "student_labels"}
+        assert rep["roles"]["student_kd"]["n"] == 3 and rep["roles"]["teacher"]["mean"] > 0.9
+        c = rep["claim"]
+        assert c["statement"] == "student_kd.accuracy > student_labels.accuracy"
+        assert isinstance(c["passed"], bool)
+        assert c["passed"] == (c["left"]["mean"] > c["right"]["mean"])
+        assert c["left"]["mean"] == rep["roles"]["student_kd"]["mean"]
+
+
+def test_mlflow_runs_carry_metrics_plots_models_and_lineage(pipeline):
+    import yaml
+    from tasks.common import hash_path
+    root, env, _ = pipeline
+    client = client_for(root)
+    exp = client.get_experiment_by_name("hinton_kd")
+    runs = client.search_runs([exp.experiment_id])
+    by_role = {}
+    for r in runs:
+        by_role.setdefault(r.data.tags["distillery.role"], []).append(r)
+    assert {k: len(v) for k, v in by_role.items()} == {"flow": 1, "teacher": 1, "student_kd": 3, "student_labels": 3}
+
+    head = sh(["git", "rev-parse", "HEAD"], root, env).stdout.strip()
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    lock_md5 = lock["stages"]["digits"]["outs"][0]["md5"]
+    params = yaml.safe_load((root / "params.yaml").read_text())["methods"]["hinton_kd"]
+    parent_id = by_role["flow"][0].info.run_id
+    teacher_id = by_role["teacher"][0].info.run_id
+    for r in runs:
+        t = r.data.tags
+        assert r.info.status == "FINISHED"
+        assert t["distillery.git_commit"] == head and t["distillery.git_dirty"] == "false"
+        assert t["distillery.data_sha256"] == hash_path(root / "data" / "digits")
+        assert t["distillery.dvc_lock_md5"] == lock_md5
+        if t["distillery.role"] == "flow":
+            continue
+        assert t["mlflow.parentRunId"] == parent_id
+        epochs = params["teacher" if t["distillery.role"] == "teacher" else "student"]["epochs"]
+        assert len(client.get_metric_history(r.info.run_id, "val_accuracy")) == epochs
+        assert r.data.params["train.epochs"] == str(epochs) and "seed" in r.data.params
+        assert "test_accuracy" in r.data.metrics
+        assert "learning_curve.png" in [a.path for a in client.list_artifacts(r.info.run_id)]
+    for r in by_role["student_kd"]:
+        assert r.data.tags["distillery.teacher_run_id"] == teacher_id
+        assert r.data.tags["distillery.teacher_model_version"] == "hinton_kd_teacher/1"
+        assert r.data.params["loss.kd.temperature"] == "4.0"
+
+    parent = by_role["flow"][0]
+    rep = json.loads((root / "metrics" / "hinton_kd.json").read_text())
+    assert parent.data.tags["distillery.claim_passed"] == str(rep["claim"]["passed"]).lower()
+    assert parent.data.metrics["claim_passed"] == float(rep["claim"]["passed"])
+
+
+def test_champion_loads_and_predicts_with_its_recorded_score(pipeline):
+    import mlflow
+    from tasks.digits import load_splits
+    root, _, _ = pipeline
+    client = client_for(root)
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    for name in ("hinton_kd", "hinton_kd_teacher"):
+        mv = client.get_model_version_by_alias(name, "champion")
+        model = mlflow.pytorch.load_model(f"models:/{name}@champion")
+        test = load_splits(root / "data" / "digits", validate=False)["test"]
+        acc = int((model(test.x).argmax(-1) == test.y).sum()) / len(test.y)
+        assert acc == pytest.approx(float(mv.tags["distillery.score"]), abs=1e-9)
+    student = client.get_model_version_by_alias("hinton_kd", "champion")
+    assert student.tags["distillery.teacher_model"] == "hinton_kd_teacher/1"
+    assert student.tags["distillery.claim_passed"] in ("True", "False")
+
+
+def test_second_repro_is_a_noop_and_a_param_change_touches_one_method(pipeline):
+    root, env, first = pipeline
+    assert "Running stage 'train@hinton_kd'" in first.stdout
+    n_runs = len(client_for(root).search_runs([client_for(root).get_experiment_by_name("hinton_kd").experiment_id]))
+    again = sh(["dvc", "repro"], root, env)
+    assert "Running stage" not in again.stdout and "Data and pipelines are up to date" in again.stdout
+    assert len(client_for(root).search_runs(
+        [client_for(root).get_experiment_by_name("hinton_kd").experiment_id])) == n_runs
+
+    params = root / "params.yaml"
+    original = params.read_text()
+    try:
+        params.write_text(original.replace("  fitnet_hint:\n    data: data/digits\n    seeds: [0, 1, 2]",
+                                           "  fitnet_hint:\n    data: data/digits\n    seeds: [0, 1, 3]"))
+        status = sh(["dvc", "status", "--json"], root, env).stdout
+        assert set(json.loads(status)) == {"train@fitnet_hint"}
+    finally:
+        params.write_text(original)
+
+
+def test_flow_on_bad_input_fails_clearly_and_writes_nothing(pipeline):
+    root, env, _ = pipeline
+    bad = root / "data_bad"
+    shutil.copytree(root / "data" / "digits", bad)
+    (bad / "test.parquet").write_bytes(b"truncated")
+    params = root / "params_bad.yaml"
+    params.write_text((root / "params.yaml").read_text().replace("data: data/digits", "data: data_bad"))
+    proc = sh([sys.executable, "-m", "flows.method", "hinton_kd", "--params", "params_bad.yaml",
+               "--report", "metrics/bad.json"], root, env, check=False)
+    assert proc.returncode == 1
+    assert "error: data_bad/test.parquet: not a readable Parquet file" in proc.stderr
+    assert not (root / "metrics" / "bad.json").exists()
