@@ -19,6 +19,8 @@ from tasks import wrappers as t
 from tasks.common import cli_main, dvc_lock_md5, git_commit, load_params, StageError
 from tasks.tracking import parent_run
 
+from .runtime import local_run_settings
+
 
 @flow(name="distill-method", log_prints=True)
 def method_flow(method: str, params_file: str = "params.yaml", report_path: str | None = None) -> dict[str, Any]:
@@ -41,7 +43,9 @@ def method_flow(method: str, params_file: str = "params.yaml", report_path: str 
     with parent_run(ctx, f"{spec.name}", tags={"method": spec.name, "role": "flow",
                                                 "claim": spec.claim}) as parent_id:
         ctx = dataclasses.replace(ctx, parent_run_id=parent_id)
-        teacher = t.train_teacher(spec, data_dir, data_hash, mp, seeds[0], ctx)
+        # only the teacher's own params, so a student-side change reuses the cached teacher
+        teacher_params = {k: mp[k] for k in ("teacher", "device") if k in mp}
+        teacher = t.train_teacher(spec, data_dir, data_hash, teacher_params, seeds[0], ctx)
         teacher_version = t.register_teacher(spec, teacher, ctx)
         teacher_ref = f"{spec.name}_teacher/{teacher_version}"
         students = [t.distill_student(spec, teacher, teacher_ref, data_dir, data_hash, mp, s, ctx) for s in seeds]
@@ -65,7 +69,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--report", default=None, help="default: metrics/<method>.json")
     args = ap.parse_args(argv)
-    method_flow(args.method, args.params, args.report or f"metrics/{args.method}.json")
+    with local_run_settings():
+        method_flow(args.method, args.params, args.report or f"metrics/{args.method}.json")
 
 
 if __name__ == "__main__":

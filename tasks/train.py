@@ -158,10 +158,11 @@ def train_model(spec: MethodSpec, role: str, data_dir: str, params: dict[str, An
                   "n_params": sum(p.numel() for p in model.parameters()), "device": str(device)}
     with tracking.run(ctx, f"{role}-seed{seed}", tags=tags, params=run_params) as run_id:
         log.info("%s/%s seed %d on %s", spec.name, role, seed, device)  # never a silent CPU fallback
+        epoch_logger = tracking.EpochLogger(run_id, ctx)
         history = fit(model, data["train"], data["val"], cfg, seed=seed, criterion=criterion,
                       teacher=teacher_model, taps=spec.feature_taps if distilled else None, device=device,
-                      on_epoch=lambda row: tracking.mlflow.log_metrics(
-                          {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])))
+                      on_epoch=epoch_logger)
+        epoch_logger.close()
         tracking.log_learning_curve(history, f"{spec.name} · {role} · seed {seed}")
         model_uri = tracking.log_model(model, data["train"].x[:4])
     return TrainedModel(role=role, seed=seed, run_id=run_id, model_uri=model_uri,
