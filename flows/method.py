@@ -69,8 +69,11 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--report", default=None, help="default: metrics/<method>.json")
     args = ap.parse_args(argv)
+    flow_fn = method_flow
+    if get_method(args.method).kind == "forecast":
+        from .forecast import forecast_flow as flow_fn
     with local_run_settings():
-        method_flow(args.method, args.params, args.report or f"metrics/{args.method}.json")
+        flow_fn(args.method, args.params, args.report or f"metrics/{args.method}.json")
 
 
 if __name__ == "__main__":

@@ -143,6 +143,8 @@ class HintLoss(nn.Module):
             return nn.Linear(s.shape[1], t.shape[1])
         if s.dim() == 4 and t.dim() == 4 and s.shape[2:] == t.shape[2:]:
             return nn.Conv2d(s.shape[1], t.shape[1], kernel_size=1)
+        if s.dim() == 5 and t.dim() == 5 and s.shape[1:-1] == t.shape[1:-1]:
+            return nn.Linear(s.shape[-1], t.shape[-1])  # channels-last token cubes (B, Z, H, W, C)
         raise ValueError(f"hint: cannot adapt student feature {tuple(s.shape)} to teacher {tuple(t.shape)}")
 
     def forward(self, student: Outputs, teacher: Outputs, targets: torch.Tensor) -> torch.Tensor:
@@ -177,6 +179,28 @@ class DistanceRelationKD(nn.Module):
         return F.smooth_l1_loss(d_s[off_diag], d_t[off_diag])
 
 
+FORECAST_KEYS = ("upper", "surface")  # what a forecast model's outputs are called (models.weather)
+
+
+@register_loss("forecast_l1")
+class ForecastL1(nn.Module):
+    """Mean absolute error of each forecast field against the truth, averaged over the fields
+    (Pangu-Weather trains with an MAE loss on normalised fields)."""
+    needs_teacher = False
+
+    def forward(self, student: Outputs, teacher: Outputs | None, targets: Outputs) -> torch.Tensor:
+        return sum(F.l1_loss(student[k], targets[k]) for k in FORECAST_KEYS) / len(FORECAST_KEYS)
+
+
+@register_loss("forecast_kd")
+class ForecastOutputKD(nn.Module):
+    """Output distillation for regression: MAE between the student's and the teacher's forecasts."""
+    needs_teacher = True
+
+    def forward(self, student: Outputs, teacher: Outputs, targets: Outputs) -> torch.Tensor:
+        return sum(F.l1_loss(student[k], teacher[k].detach()) for k in FORECAST_KEYS) / len(FORECAST_KEYS)
+
+
 class DistillationLoss(nn.Module):
     """Weighted sum of registered loss terms, e.g. ``{"kd": {"weight": 0.9, "temperature": 4},
     "ce": {"weight": 0.1}}``. Returns the total and each weighted term (for logging)."""
@@ -197,8 +221,8 @@ class DistillationLoss(nn.Module):
         return any(term.needs_teacher for term in self.terms.values())
 
     def forward(self, student: Outputs, teacher: Outputs | None,
-                targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        total = torch.zeros((), device=targets.device)
+                targets: torch.Tensor | Outputs) -> tuple[torch.Tensor, dict[str, float]]:
+        total = torch.zeros((), device=next(iter(student.values())).device)
         parts = {}
         for name, term in self.terms.items():
             value = self.weights[name] * term(student, teacher, targets)

@@ -108,38 +108,41 @@ class MethodSpec:
     name: str
     data_stage: str                  # DVC stage (and tasks module) whose output feeds the method
     teacher: str                     # model entrypoint names, built through create_model
-    student: str
+    student: str | None              # None: the method has no distilled student
     loss: dict[str, dict[str, Any]]  # loss-term name -> kwargs (incl. "weight"), see models.distill
     primary_metric: str
     higher_is_better: bool
     baselines: tuple[str, ...]
-    claim: str
+    claim: str | tuple[str, ...]     # one comparison, or several that must all hold
     # module paths whose outputs the loss terms read (torchdistill's forward_hook), per side
     feature_taps: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    kind: str = "classification"     # which flow runs it: "classification" or "forecast"
+    leads: tuple[int, ...] = ()      # forecast: lead times (hours) of the teacher's models
     description: str = ""
 
     def __post_init__(self) -> None:
-        claim = Claim.parse(self.claim)  # fail at import time, not after an hour of training
-        known = {"teacher", "student_kd", *self.baselines}
-        unknown = set(claim.roles) - known
-        if unknown:
-            raise ValueError(f"method {self.name!r}: claim names unknown roles {sorted(unknown)}; "
-                             f"roles are {sorted(known)}")
+        known = set(self.roles)
+        for claim in self.claims:  # parsed now: fail at import time, not after an hour of training
+            unknown = set(claim.roles) - known
+            if unknown:
+                raise ValueError(f"method {self.name!r}: claim names unknown roles {sorted(unknown)}; "
+                                 f"roles are {sorted(known)}")
 
     @property
-    def parsed_claim(self) -> Claim:
-        return Claim.parse(self.claim)
+    def claims(self) -> list[Claim]:
+        statements = (self.claim,) if isinstance(self.claim, str) else self.claim
+        return [Claim.parse(s) for s in statements]
 
     @property
     def roles(self) -> tuple[str, ...]:
-        return ("teacher", "student_kd", *self.baselines)
+        return ("teacher", *(("student_kd",) if self.student else ()), *self.baselines)
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
     if spec.name in _methods:
         warnings.warn(f"method {spec.name!r} registered twice; the later one wins", stacklevel=2)
     for model in (spec.teacher, spec.student):
-        if not is_model(model):
+        if model is not None and not is_model(model):
             raise RuntimeError(f"method {spec.name!r} names unregistered model {model!r}")
     _methods[spec.name] = spec
     return spec

@@ -45,6 +45,17 @@ def check_claim(claim: Claim, scores: dict[str, dict[str, list[float]]]) -> dict
             "difference": left["mean"] - right["mean"], "passed": claim.holds(left["mean"], right["mean"])}
 
 
+def check_claims(claims: list[Claim], scores: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    """All parts must hold. A single claim's verdict is returned as it is; a compound one lists its
+    parts and counts the failures."""
+    parts = [check_claim(c, scores) for c in claims]
+    if len(parts) == 1:
+        return parts[0]
+    return {"statement": " and ".join(p["statement"] for p in parts), "parts": parts,
+            "failed_parts": sum(not p["passed"] for p in parts), "difference": float("nan"),
+            "passed": all(p["passed"] for p in parts)}
+
+
 def evaluate_models(spec, data_dir: str, trained: list, ctx) -> list[dict[str, Any]]:
     """Scores every trained model on the held-out test split, as loaded back from MLflow (so what is
     scored is what was logged), and adds `test_<metric>` to each model's run."""

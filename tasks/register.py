@@ -11,7 +11,10 @@ from .train import TrainedModel
 
 
 def registered_names(spec: MethodSpec) -> dict[str, str]:
-    """The method's product is its student; the teacher is registered beside it."""
+    """The method's product is its student, with the teacher registered beside it; a method without
+    a student (e.g. a forecaster checked against baselines) registers its teacher under its name."""
+    if spec.student is None:
+        return {"teacher": spec.name}
     return {"student_kd": spec.name, "teacher": f"{spec.name}_teacher"}
 
 
@@ -28,16 +31,18 @@ def register_models(spec: MethodSpec, teacher: TrainedModel, teacher_version: in
     """Registers the distilled student with the best *validation* score (the test split only reports)
     and offers both models the champion alias on their test primary metric."""
     test_score = {(e["role"], e["seed"]): e["metrics"][spec.primary_metric] for e in evaluations}
-    pick = max if spec.higher_is_better else min
-    best = pick(students, key=lambda s: s.val_score)
     names = registered_names(spec)
+    teacher_result = tracking.promote_if_better(names["teacher"], teacher_version,
+                                                test_score[("teacher", teacher.seed)], spec.higher_is_better, ctx)
+    if not students:
+        return {"teacher": teacher_result}
+    # val_score is an accuracy for classifiers and a loss for forecasters
+    pick = max if spec.kind == "classification" and spec.higher_is_better else min
+    best = pick(students, key=lambda s: s.val_score)
     student_version = tracking.register_version(
         names["student_kd"], best.model_uri, best.run_id, ctx,
         tags={"role": "student_kd", "seed": best.seed, "claim_passed": verdict["passed"],
               "teacher_run_id": teacher.run_id, "teacher_model": f"{names['teacher']}/{teacher_version}"})
-    return {
-        "teacher": tracking.promote_if_better(names["teacher"], teacher_version,
-                                              test_score[("teacher", teacher.seed)], spec.higher_is_better, ctx),
-        "student_kd": tracking.promote_if_better(names["student_kd"], student_version,
-                                                 test_score[("student_kd", best.seed)], spec.higher_is_better, ctx),
-    }
+    return {"teacher": teacher_result,
+            "student_kd": tracking.promote_if_better(names["student_kd"], student_version,
+                                                     test_score[("student_kd", best.seed)], spec.higher_is_better, ctx)}

@@ -20,6 +20,8 @@ def build_report(spec: MethodSpec, evaluations: list[dict[str, Any]], verdict: d
         # each role's primary metric over seeds (mean, std, min, max, per-seed values)
         "roles": {role: summarize(metrics[spec.primary_metric]) for role, metrics in scores.items()},
         "claim": verdict,
+        # every metric's seed mean per role, e.g. scores["teacher"]["rmse_z500_24h"]
+        "scores": {role: {k: sum(v) / len(v) for k, v in metrics.items()} for role, metrics in scores.items()},
         "mlflow": {"tracking_uri": ctx.tracking_uri, "experiment_id": ctx.experiment_id,
                    "parent_run_id": ctx.parent_run_id, "registry": registry,
                    "runs": {f"{e['role']}/seed{e['seed']}": e["run_id"] for e in evaluations}},
@@ -30,8 +32,11 @@ def build_report(spec: MethodSpec, evaluations: list[dict[str, Any]], verdict: d
 def log_report(report: dict[str, Any], ctx: tracking.RunContext) -> None:
     """Claim verdict as a tag and a metric, and each role's mean ± std, on the parent run."""
     run_id = ctx.parent_run_id
-    metrics = {"claim_passed": float(report["claim"]["passed"]),
-               "claim_difference": report["claim"]["difference"]}
+    metrics = {"claim_passed": float(report["claim"]["passed"])}
+    if "parts" not in report["claim"]:
+        metrics["claim_difference"] = report["claim"]["difference"]
+    else:
+        metrics["claim_failed_parts"] = report["claim"]["failed_parts"]
     for role, s in report["roles"].items():
         metrics[f"{role}.{report['primary_metric']}_mean"] = s["mean"]
         metrics[f"{role}.{report['primary_metric']}_std"] = s["std"]

@@ -178,13 +178,14 @@ def log_learning_curve(history: list[dict[str, float]], title: str) -> None:
     plt.close(fig)
 
 
-def log_model(model: torch.nn.Module, input_example: torch.Tensor) -> str:
+def log_model(model: torch.nn.Module, input_example: torch.Tensor | None) -> str:
     """Logs the model to the active run (eager pickle plus the `models/` source, so it loads without
     this checkout's install) and returns its `models:/<model_id>` URI."""
     # mlflow warns on every pickled model; we pickle on purpose (see README, "Models in MLflow")
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     info = mlflow.pytorch.log_model(
-        model.cpu().eval(), name="model", input_example=input_example.cpu().numpy(),
+        model.cpu().eval(), name="model",
+        input_example=None if input_example is None else input_example.cpu().numpy(),
         serialization_format="pickle", code_paths=[str(REPO_ROOT / "models")],
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])  # skips slow requirement inference
     return info.model_uri

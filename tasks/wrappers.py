@@ -90,7 +90,7 @@ def evaluate_models(spec: MethodSpec, data_dir: str, trained: list[TrainedModel]
 
 @task(name="check-claim")
 def check_claim(spec: MethodSpec, evaluations: list[dict[str, Any]]) -> dict[str, Any]:
-    return evaluate.check_claim(spec.parsed_claim, evaluate.by_role(evaluations))
+    return evaluate.check_claims(spec.claims, evaluate.by_role(evaluations))
 
 
 @task(name="register-models", **IO_RETRIES)
@@ -109,3 +109,46 @@ def write_report(spec: MethodSpec, evaluations: list[dict[str, Any]], verdict: d
     if path:
         report.write_report(rep, path)
     return rep
+
+
+# ---------------------------------------------------------------------------------------------------
+# forecast methods (ERA5)
+
+@task(name="validate-forecast-inputs", **IO_RETRIES)
+def validate_forecast_inputs(data_dir: str) -> str:
+    """Runs the ERA5 suites on the prepared splits; returns their hash."""
+    from .forecast import load_forecast_data
+    load_forecast_data(data_dir, validate=True)
+    return hash_path(data_dir)
+
+
+@task(name="train-lead-model", cache_policy=TRAINING_CACHE)
+def train_lead_model(spec: MethodSpec, role: str, lead: int, data_dir: str, data_hash: str,
+                     params: dict[str, Any], seed: int, ctx: tracking.RunContext,
+                     teacher: TrainedModel | None = None, teacher_version: str | None = None) -> TrainedModel:
+    from . import forecast
+    if role == "student_kd":
+        params = dict(params, loss_terms=distill.loss_terms(spec, params.get("loss")))
+    tags = {"teacher_model_version": teacher_version} if teacher_version else None
+    return forecast.train_lead_model(spec, role, lead, data_dir, params, seed, ctx, teacher=teacher, extra_tags=tags)
+
+
+@task(name="compose-forecaster", **IO_RETRIES)
+def compose_forecaster(spec: MethodSpec, role: str, members: dict[int, TrainedModel], seed: int,
+                       ctx: tracking.RunContext) -> TrainedModel:
+    from . import forecast
+    return forecast.compose_forecaster(spec, role, members, seed, ctx)
+
+
+@task(name="evaluate-forecasts")
+def evaluate_forecasters(spec: MethodSpec, data_dir: str, forecasters: list[TrainedModel], leads: list[int],
+                         ctx: tracking.RunContext) -> list[dict[str, Any]]:
+    from . import forecast
+    return forecast.evaluate_forecasters(spec, data_dir, forecasters, leads, ctx)
+
+
+@task(name="forecast-plots", **IO_RETRIES)
+def log_forecast_plots(evaluations: list[dict[str, Any]], data_dir: str, teacher: TrainedModel,
+                       leads: list[int], ctx: tracking.RunContext) -> None:
+    from . import forecast
+    forecast.log_forecast_plots(evaluations, data_dir, teacher, leads, ctx)

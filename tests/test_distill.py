@@ -126,3 +126,19 @@ def test_forward_with_taps_returns_logits_and_features():
     out = forward_with_taps(m, x, hooks)
     torch.testing.assert_close(out["features"], m.forward_features(x))
     torch.testing.assert_close(out["logits"], m(x))
+
+
+def test_forecast_losses_are_mean_abs_errors_over_both_fields():
+    torch.manual_seed(5)
+    s = {"upper": torch.randn(2, 3, 2, 4, 5), "surface": torch.randn(2, 2, 4, 5)}
+    t = {"upper": torch.randn(2, 3, 2, 4, 5), "surface": torch.randn(2, 2, 4, 5)}
+    mae = lambda a, b: float((a - b).abs().sum()) / a.numel()
+    expected = (mae(s["upper"], t["upper"]) + mae(s["surface"], t["surface"])) / 2
+    assert float(create_loss("forecast_l1")(s, None, t)) == pytest.approx(expected, rel=1e-6)
+    assert float(create_loss("forecast_kd")(s, t, None)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_hint_adapts_channels_last_token_cubes():
+    loss = create_loss("hint", student_key="f", teacher_key="f")
+    loss({"f": torch.randn(2, 3, 4, 5, 16)}, {"f": torch.randn(2, 3, 4, 5, 32)}, None)
+    assert isinstance(loss.adapter, nn.Linear) and loss.adapter.weight.shape == (32, 16)

@@ -1,0 +1,71 @@
+"""The forecast-method flow (ERA5, Pangu-Weather family):
+
+    teacher lead-time models → hierarchical forecaster → [distilled students, students on targets]
+    → score every role and baseline by lead time → check the claim → register → report
+
+Started by `python -m flows.method <method>` for methods whose registry entry has kind="forecast".
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from prefect import flow
+
+from models import get_method
+from tasks import wrappers as t
+from tasks.common import StageError, dvc_lock_md5, git_commit, load_params
+from tasks.tracking import parent_run
+
+
+@flow(name="forecast-method", log_prints=True)
+def forecast_flow(method: str, params_file: str = "params.yaml", report_path: str | None = None) -> dict[str, Any]:
+    spec = get_method(method)
+    params = load_params(params_file)
+    try:
+        mp = params["methods"][method]
+    except KeyError:
+        raise StageError(params_file, f"no section methods.{method}") from None
+    data_dir, seeds, eval_leads = mp["data"], list(mp["seeds"]), list(mp["eval_leads"])
+
+    data_hash = t.validate_forecast_inputs(data_dir)
+    git = git_commit()
+    lineage = {"git_commit": git["commit"], "git_dirty": git["dirty"], "data_dir": data_dir,
+               "data_sha256": data_hash, "dvc_lock_md5": dvc_lock_md5(data_dir) or "none"}
+    ctx = t.open_experiment(spec.name, params.get("tracking", {}), lineage)
+
+    with parent_run(ctx, spec.name, tags={"method": spec.name, "role": "flow", "claim": " and ".join(
+            c.statement for c in spec.claims)}) as parent_id:
+        ctx = dataclasses.replace(ctx, parent_run_id=parent_id)
+        teacher_params = {k: mp[k] for k in ("teacher", "device") if k in mp}
+        members = {lead: t.train_lead_model(spec, "teacher", lead, data_dir, data_hash, teacher_params, seeds[0], ctx)
+                   for lead in spec.leads}
+        teacher = t.compose_forecaster(spec, "teacher", members, seeds[0], ctx)
+        teacher_version = t.register_teacher(spec, teacher, ctx)
+        forecasters = [teacher]
+        if "iterated_1h" in spec.baselines:
+            forecasters.append(t.compose_forecaster(spec, "iterated_1h", {1: members[1]}, seeds[0], ctx))
+
+        students = []
+        if spec.student:
+            lead = spec.leads[0]  # the student learns the teacher's shortest-lead model
+            ref = f"{spec.name}_teacher/{teacher_version}"
+            for s in seeds:
+                kd = t.train_lead_model(spec, "student_kd", lead, data_dir, data_hash, mp, s, ctx,
+                                        teacher=members[lead], teacher_version=ref)
+                students.append(t.compose_forecaster(spec, "student_kd", {lead: kd}, s, ctx))
+            for s in seeds:
+                plain = t.train_lead_model(spec, "student_labels", lead, data_dir, data_hash, mp, s, ctx)
+                forecasters.append(t.compose_forecaster(spec, "student_labels", {lead: plain}, s, ctx))
+
+        evaluations = t.evaluate_forecasters(spec, data_dir, forecasters + students, eval_leads, ctx)
+        verdict = t.check_claim(spec, evaluations)
+        registry = t.register_models(spec, teacher, teacher_version, students, evaluations, verdict, ctx)
+        t.log_forecast_plots(evaluations, data_dir, teacher, eval_leads, ctx)
+        report = t.write_report(spec, evaluations, verdict, registry, ctx,
+                                {"seeds": seeds, "leads": list(spec.leads), "eval_leads": eval_leads,
+                                 "lineage": lineage}, report_path)
+
+    print(f"{spec.name}: claim {'PASSED' if verdict['passed'] else 'FAILED'} ({verdict['statement']})")
+    return report
+
