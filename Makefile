@@ -31,7 +31,10 @@ test: install
 	pytest
 
 bench: install
+	dvc repro digits era5_prepare
 	python benchmarks/orchestration.py
+	python benchmarks/era5_prepare.py
+	python benchmarks/pangu_step.py
 
 # Re-resolve the pinned tree after editing pyproject.toml.
 lock: install

@@ -14,24 +14,18 @@ from prefect import flow
 
 from models import get_method
 from tasks import wrappers as t
-from tasks.common import StageError, dvc_lock_md5, git_commit, load_params
+from tasks.common import method_params, run_lineage
 from tasks.tracking import parent_run
 
 
 @flow(name="forecast-method", log_prints=True)
 def forecast_flow(method: str, params_file: str = "params.yaml", report_path: str | None = None) -> dict[str, Any]:
     spec = get_method(method)
-    params = load_params(params_file)
-    try:
-        mp = params["methods"][method]
-    except KeyError:
-        raise StageError(params_file, f"no section methods.{method}") from None
+    params, mp = method_params(method, params_file)
     data_dir, seeds, eval_leads = mp["data"], list(mp["seeds"]), list(mp["eval_leads"])
 
     data_hash = t.validate_forecast_inputs(data_dir)
-    git = git_commit()
-    lineage = {"git_commit": git["commit"], "git_dirty": git["dirty"], "data_dir": data_dir,
-               "data_sha256": data_hash, "dvc_lock_md5": dvc_lock_md5(data_dir) or "none"}
+    lineage = run_lineage(data_dir, data_hash)
     ctx = t.open_experiment(spec.name, params.get("tracking", {}), lineage)
 
     with parent_run(ctx, spec.name, tags={"method": spec.name, "role": "flow", "claim": " and ".join(

@@ -16,7 +16,7 @@ from prefect import flow
 
 from models import get_method
 from tasks import wrappers as t
-from tasks.common import cli_main, dvc_lock_md5, git_commit, load_params, StageError
+from tasks.common import cli_main, method_params, run_lineage
 from tasks.tracking import parent_run
 
 from .runtime import local_run_settings
@@ -25,19 +25,11 @@ from .runtime import local_run_settings
 @flow(name="distill-method", log_prints=True)
 def method_flow(method: str, params_file: str = "params.yaml", report_path: str | None = None) -> dict[str, Any]:
     spec = get_method(method)
-    params = load_params(params_file)
-    try:
-        mp = params["methods"][method]
-    except KeyError:
-        raise StageError(params_file, f"no section methods.{method}") from None
+    params, mp = method_params(method, params_file)
     data_dir, seeds = mp["data"], list(mp["seeds"])
-    if len(seeds) < 1:
-        raise StageError(params_file, f"methods.{method}.seeds is empty")
 
     data_hash = t.validate_inputs(spec, data_dir)
-    git = git_commit()
-    lineage = {"git_commit": git["commit"], "git_dirty": git["dirty"], "data_dir": data_dir,
-               "data_sha256": data_hash, "dvc_lock_md5": dvc_lock_md5(data_dir) or "none"}
+    lineage = run_lineage(data_dir, data_hash)
     ctx = t.open_experiment(spec.name, params.get("tracking", {}), lineage)
 
     with parent_run(ctx, f"{spec.name}", tags={"method": spec.name, "role": "flow",

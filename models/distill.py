@@ -34,6 +34,14 @@ class ForwardHookManager:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._io: dict[str, dict[str, Any]] = {}
 
+    @classmethod
+    def on(cls, model: nn.Module, paths: tuple[str, ...] | list[str]) -> "ForwardHookManager":
+        """A manager tapping the outputs of `paths` in `model`."""
+        hooks = cls()
+        for path in paths:
+            hooks.add_hook(model, path)
+        return hooks
+
     def add_hook(self, root: nn.Module, module_path: str, requires_input: bool = False,
                  requires_output: bool = True) -> None:
         module = root.get_submodule(module_path)  # raises AttributeError naming the missing part

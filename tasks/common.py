@@ -42,6 +42,21 @@ def load_params(path: str | os.PathLike = PARAMS_FILE, section: str | None = Non
     return params[section]
 
 
+def profile_params(section: str, argv: list[str], path: str | os.PathLike = PARAMS_FILE) -> tuple[dict[str, Any], list[str]]:
+    """Stage params, with `--profile NAME` choosing `<section>.<NAME>` (e.g. `era5.samples`); without
+    the flag the section itself. Returns the params and the remaining (positional) arguments."""
+    if "--profile" not in argv:
+        return load_params(path, section), argv
+    i = argv.index("--profile")
+    if i + 1 >= len(argv):
+        raise StageError(path, "--profile needs a name")
+    name, rest = argv[i + 1], argv[:i] + argv[i + 2:]
+    profiles = load_params(path, section)
+    if name not in profiles:
+        raise StageError(path, f"{section} has no profile {name!r}; profiles: {sorted(profiles)}")
+    return profiles[name], rest
+
+
 # ---------------------------------------------------------------------------------------------------
 # atomic outputs: a later stage must never see a half-written artefact
 
@@ -131,6 +146,24 @@ def dvc_lock_md5(out_path: str, lock_file: str | os.PathLike = "dvc.lock") -> st
             if out.get("path", "").rstrip("/") == out_path.rstrip("/"):
                 return out.get("md5")
     return None
+
+
+def method_params(method: str, params_file: str | os.PathLike = PARAMS_FILE) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The whole params file and its `methods.<method>` section (a clear error when that is missing)."""
+    params = load_params(params_file)
+    section = (params.get("methods") or {}).get(method)
+    if section is None:
+        raise StageError(params_file, f"no section methods.{method}")
+    if not section.get("seeds"):
+        raise StageError(params_file, f"methods.{method}.seeds is empty")
+    return params, section
+
+
+def run_lineage(data_dir: str, data_hash: str) -> dict[str, str]:
+    """What every run of a flow records about where it came from: code, data and DVC's lock."""
+    git = git_commit()
+    return {"git_commit": git["commit"], "git_dirty": git["dirty"], "data_dir": data_dir,
+            "data_sha256": data_hash, "dvc_lock_md5": dvc_lock_md5(data_dir) or "none"}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ RMSE and ACC (`tasks.weather_metrics`) in physical units, per variable/level and
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -20,7 +19,7 @@ from models.distill import DistillationLoss, ForwardHookManager
 from models.registry import MethodSpec
 
 from . import tracking
-from .train import TrainConfig, TrainedModel, resolve_device
+from .train import TrainConfig, TrainedModel, resolve_device, run_epochs
 from .weather_metrics import weighted_acc, weighted_rmse
 
 log = logging.getLogger(__name__)
@@ -48,8 +47,8 @@ class Normalizer:
             return torch.tensor(np.asarray(stats[var][key], dtype=np.float32)).reshape(shape)
         self.u_mean = torch.stack([arr(v, "mean", (-1, 1, 1)) for v in upper_vars]) if upper_vars else None
         self.u_std = torch.stack([arr(v, "std", (-1, 1, 1)) for v in upper_vars]) if upper_vars else None
-        self.s_mean = torch.stack([arr(v, "mean", (1, 1)).squeeze(0) for v in surface_vars])
-        self.s_std = torch.stack([arr(v, "std", (1, 1)).squeeze(0) for v in surface_vars])
+        self.s_mean = torch.stack([arr(v, "mean", (1, 1)) for v in surface_vars])  # (S, 1, 1)
+        self.s_std = torch.stack([arr(v, "std", (1, 1)) for v in surface_vars])
 
     def norm(self, upper: torch.Tensor, surface: torch.Tensor) -> Pair:
         return (upper - self.u_mean) / self.u_std, (surface - self.s_mean) / self.s_std
@@ -93,7 +92,7 @@ def fit_forecaster(model: nn.Module, train: Fields, val: Fields, lead_hours: int
                    seed: int, criterion: DistillationLoss, teacher: nn.Module | None = None,
                    taps: dict[str, tuple[str, ...]] | None = None, device: torch.device = torch.device("cpu"),
                    on_epoch: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
-    """Trains `model` to map the state at t to the state at t + lead. AdamW, cosine schedule.
+    """Trains `model` to map the state at t to the state at t + lead (see `tasks.train.run_epochs`).
 
     A frozen teacher's forecasts (and tapped features) are computed once for every training input.
     """
@@ -103,7 +102,6 @@ def fit_forecaster(model: nn.Module, train: Fields, val: Fields, lead_hours: int
     if n <= 0:
         raise ValueError(f"training split has {len(train.upper)} steps, too few for a {lead_hours} h lead")
     model.to(device)
-    criterion.to(device)
     xu, xs = train.upper.to(device), train.surface.to(device)
 
     teacher_out = None
@@ -111,55 +109,26 @@ def fit_forecaster(model: nn.Module, train: Fields, val: Fields, lead_hours: int
         if teacher is None:
             raise ValueError("this loss needs a teacher")
         teacher.to(device).eval()
-        t_hooks = _hooks(teacher, taps.get("teacher", ()))
+        t_hooks = ForwardHookManager.on(teacher, taps.get("teacher", ()))
         with torch.no_grad():
             chunks = [forecast_outputs(teacher, xu[i:i + 64], xs[i:i + 64], t_hooks) for i in range(0, n, 64)]
         t_hooks.clear()
         teacher_out = {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
-    s_hooks = _hooks(model, taps.get("student", ()))
+    s_hooks = ForwardHookManager.on(model, taps.get("student", ()))
 
     def batch(idx: torch.Tensor):
         target = {"upper": xu[idx + k], "surface": xs[idx + k]}
         t_out = None if teacher_out is None else {key: v[idx] for key, v in teacher_out.items()}
         return forecast_outputs(model, xu[idx], xs[idx], s_hooks), t_out, target
 
-    with torch.no_grad():  # materialise lazily built adapters before the optimizer sees the params
-        criterion(*batch(torch.arange(2, device=device)))
-    opt = torch.optim.AdamW(list(model.parameters()) + list(criterion.parameters()), lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * -(-n // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    gen = torch.Generator().manual_seed(seed)
+    def validate() -> dict[str, float]:
+        return {"val_loss": validation_mae(model, val, lead_hours, device)}
 
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        t0, loss_sum, parts_sum = time.perf_counter(), 0.0, {}
-        for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
-            loss, parts = criterion(*batch(idx.to(device)))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.item() * len(idx)
-            for key, v in parts.items():
-                parts_sum[key] = parts_sum.get(key, 0.0) + v * len(idx)
-        s_hooks.pop_io_dict()
-        row = {"epoch": epoch, "train_loss": loss_sum / n, "epoch_seconds": time.perf_counter() - t0,
-               **{f"train_loss_{key}": v / n for key, v in parts_sum.items()},
-               "val_loss": validation_mae(model, val, lead_hours, device)}
-        history.append(row)
-        if on_epoch:
-            on_epoch(row)
-    s_hooks.clear()
-    return history
-
-
-def _hooks(model: nn.Module, paths: tuple[str, ...]) -> ForwardHookManager:
-    hooks = ForwardHookManager()
-    for path in paths:
-        hooks.add_hook(model, path)
-    return hooks
+    try:
+        return run_epochs(model, criterion, n, batch, validate, cfg, seed=seed, device=device,
+                          on_epoch=on_epoch, hooks=s_hooks)
+    finally:
+        s_hooks.clear()
 
 
 @torch.no_grad()

@@ -63,43 +63,59 @@ def fit(model: nn.Module, train, val, cfg: TrainConfig, *, seed: int, criterion:
         teacher: nn.Module | None = None, taps: dict[str, tuple[str, ...]] | None = None,
         device: torch.device = torch.device("cpu"),
         on_epoch: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
-    """AdamW with a cosine schedule; returns one row of metrics per epoch.
+    """Trains a classifier (labels, or a distillation loss against `teacher`); one row per epoch.
 
     A frozen teacher's outputs (logits and tapped features) are computed once for the whole training
     set in eval mode and indexed per batch: the teacher never changes, so recomputing them is waste.
     """
     taps = taps or {}
     model.to(device)
-    criterion.to(device)
     x, y = train.x.to(device), train.y.to(device)
-
     teacher_out = None
     if criterion.needs_teacher:
         if teacher is None:
             raise ValueError("this loss needs a teacher")
         teacher.to(device).eval()
-        t_hooks = _hooks(teacher, taps.get("teacher", ()))
+        t_hooks = ForwardHookManager.on(teacher, taps.get("teacher", ()))
         with torch.no_grad():
             teacher_out = forward_with_taps(teacher, x, t_hooks)
         t_hooks.clear()
-    s_hooks = _hooks(model, taps.get("student", ()))
+    s_hooks = ForwardHookManager.on(model, taps.get("student", ()))
 
+    def batch(idx: torch.Tensor):
+        return forward_with_taps(model, x[idx], s_hooks), _index(teacher_out, idx), y[idx]
+
+    def validate() -> dict[str, float]:
+        return {f"val_{k}": v for k, v in classification_metrics(model, val.x, val.y).items()}
+
+    try:
+        return run_epochs(model, criterion, len(x), batch, validate, cfg, seed=seed, device=device,
+                          on_epoch=on_epoch, hooks=s_hooks)
+    finally:
+        s_hooks.clear()
+
+
+def run_epochs(model: nn.Module, criterion: DistillationLoss, n: int, batch: Callable[[torch.Tensor], tuple],
+               validate: Callable[[], dict[str, float]], cfg: TrainConfig, *, seed: int, device: torch.device,
+               on_epoch: Callable[[dict[str, float]], None] | None = None,
+               hooks: ForwardHookManager | None = None) -> list[dict[str, float]]:
+    """The loop every trainer shares: AdamW with a cosine schedule over `n` samples in seeded random
+    order; `batch(idx)` returns the criterion's (student, teacher, targets) for those samples."""
+    criterion.to(device)
     # one forward pass before building the optimizer: losses with learned adapters create them lazily
     with torch.no_grad():
-        criterion(forward_with_taps(model, x[:2], s_hooks), _index(teacher_out, slice(0, 2)), y[:2])
-    params = list(model.parameters()) + list(criterion.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = -(-len(x) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+        criterion(*batch(torch.arange(min(2, n), device=device)))
+    opt = torch.optim.AdamW(list(model.parameters()) + list(criterion.parameters()), lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * -(-n // cfg.batch_size))
     gen = torch.Generator().manual_seed(seed)
 
     history = []
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0, loss_sum, parts_sum = time.perf_counter(), 0.0, {}
-        for idx in torch.randperm(len(x), generator=gen).split(cfg.batch_size):
-            idx = idx.to(device)
-            loss, parts = criterion(forward_with_taps(model, x[idx], s_hooks), _index(teacher_out, idx), y[idx])
+        for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
+            loss, parts = criterion(*batch(idx.to(device)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -107,23 +123,14 @@ def fit(model: nn.Module, train, val, cfg: TrainConfig, *, seed: int, criterion:
             loss_sum += loss.item() * len(idx)
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v * len(idx)
-        row = {"epoch": epoch, "train_loss": loss_sum / len(x), "epoch_seconds": time.perf_counter() - t0,
-               **{f"train_loss_{k}": v / len(x) for k, v in parts_sum.items()}}
-        s_hooks.pop_io_dict()  # the eval pass must not grow the tapped outputs
-        val_metrics = classification_metrics(model, val.x, val.y)
-        row.update({f"val_{k}": v for k, v in val_metrics.items()})
+        if hooks is not None:
+            hooks.pop_io_dict()  # the validation pass must not see (or grow) the tapped outputs
+        row = {"epoch": epoch, "train_loss": loss_sum / n, "epoch_seconds": time.perf_counter() - t0,
+               **{f"train_loss_{k}": v / n for k, v in parts_sum.items()}, **validate()}
         history.append(row)
         if on_epoch:
             on_epoch(row)
-    s_hooks.clear()
     return history
-
-
-def _hooks(model: nn.Module, paths: tuple[str, ...]) -> ForwardHookManager:
-    hooks = ForwardHookManager()
-    for path in paths:
-        hooks.add_hook(model, path)
-    return hooks
 
 
 def _index(outputs: dict[str, torch.Tensor] | None, idx) -> dict[str, torch.Tensor] | None:

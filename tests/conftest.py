@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"  # the real samples: beside the checkout, here and in CI
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -16,3 +17,13 @@ def tracking_ctx(tmp_path, monkeypatch):
     from tasks import tracking
     params = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_root": str(tmp_path / "art")}
     return tracking.experiment_context("test-exp", params, {"git_commit": "abc"})
+
+
+def shared_file(rel: str) -> Path:
+    """A sample from shared/data; missing is a failure in CI and a skip elsewhere."""
+    path = SHARED / rel
+    if not path.is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"shared sample missing: {path}")
+        pytest.skip(f"shared sample missing: {path}")
+    return path

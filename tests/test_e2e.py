@@ -24,6 +24,11 @@ def sh(cmd, cwd, env, check=True):
 def pipeline(tmp_path_factory):
     """Copies the committed and untracked-but-not-ignored files, commits them, runs `dvc repro`."""
     root = tmp_path_factory.mktemp("e2e") / "repo"
+    shared = REPO.parent / "shared"
+    if not shared.is_dir() and os.environ.get("CI") == "true":
+        pytest.fail(f"{shared} is missing: the samples profile needs the real ERA5 files")
+    if shared.is_dir():
+        (root.parent / "shared").symlink_to(shared)  # the samples profile reads ../shared/data
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split("\0")
     for f in filter(None, files):
@@ -161,3 +166,49 @@ def test_flow_on_bad_input_fails_clearly_and_writes_nothing(pipeline):
     assert proc.returncode == 1
     assert "error: data_bad/test.parquet: not a readable Parquet file" in proc.stderr
     assert not (root / "metrics" / "bad.json").exists()
+
+
+def test_era5_stages_write_both_profiles(pipeline):
+    from tasks.era5_prepare import load_prepared
+    root, _, _ = pipeline
+    default = load_prepared(root / "data/era5/default/prepared")
+    assert dict(default["train"].sizes)["latitude"] == 16 and dict(default["train"].sizes)["longitude"] == 32
+    if (REPO.parent / "shared").is_dir():
+        samples = load_prepared(root / "data/era5/samples/prepared")
+        assert list(samples["train"].data_vars) == ["t2m"]
+        assert samples["meta"]["source"] == "files"
+
+
+def test_forecast_methods_report_claims_runs_plots_and_a_loadable_champion(pipeline):
+    import mlflow
+    import torch
+    from tasks.forecast import load_forecast_data
+    root, _, _ = pipeline
+    client = client_for(root)
+    expected_roles = {"pangu": {"teacher", "persistence", "climatology"},
+                      "pangu_hta": {"teacher", "iterated_1h"},
+                      "pangu_student": {"teacher", "student_kd", "student_labels"}}
+    for method, roles in expected_roles.items():
+        rep = json.loads((root / "metrics" / f"{method}.json").read_text())
+        assert set(rep["roles"]) == roles
+        parts = rep["claim"].get("parts", [rep["claim"]])
+        assert all(p["passed"] == (p["left"]["mean"] < p["right"]["mean"]) for p in parts)
+        assert rep["claim"]["passed"] == all(p["passed"] for p in parts)
+        exp = client.get_experiment_by_name(method)
+        parent = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags["distillery.role"] == "flow"][0]
+        assert parent.data.tags["distillery.claim_passed"] == str(rep["claim"]["passed"]).lower()
+        artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+        assert "rmse_vs_lead.png" in artifacts and "maps" in artifacts
+    assert len(json.loads((root / "metrics" / "pangu.json").read_text())["claim"]["parts"]) == 12
+
+    student_runs = client.search_runs([client.get_experiment_by_name("pangu_student").experiment_id],
+                                      "tags.`distillery.role` = 'student_kd'")
+    kd = [r for r in student_runs if "loss.hint.weight" in r.data.params]  # the lead-model runs
+    assert len(kd) == 3 and all(r.data.tags["distillery.teacher_model_version"] == "pangu_student_teacher/1" for r in kd)
+
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    forecaster = mlflow.pytorch.load_model("models:/pangu@champion")
+    data = load_forecast_data(str(root / "data/era5/default/prepared"))
+    with torch.no_grad():
+        u, s = forecaster(data.test.upper[:2], data.test.surface[:2], 24)
+    assert u.shape == data.test.upper[:2].shape and torch.isfinite(u).all() and torch.isfinite(s).all()

@@ -18,9 +18,9 @@ def test_every_method_has_a_deployment_with_valid_keys_and_schedule():
         assert set(d) <= DEPLOYMENT_KEYS, f"unknown keys {set(d) - DEPLOYMENT_KEYS} in {d['name']}"
         path, fn = d["entrypoint"].split(":")
         flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), fn)
-        assert flow.name == "distill-method"
+        spec = models.get_method(d["parameters"]["method"])
+        assert flow.name == {"classification": "distill-method", "forecast": "forecast-method"}[spec.kind]
         assert set(d["parameters"]) <= set(flow.parameters.properties)
-        models.get_method(d["parameters"]["method"])
         for s in d["schedules"]:
             CronSchedule(cron=s["cron"], timezone=s["timezone"])
         assert d["work_pool"]["name"] == "gpu"

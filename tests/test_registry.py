@@ -59,9 +59,18 @@ def test_every_method_in_params_is_registered_and_vice_versa():
     import yaml
     from conftest import REPO
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert sorted(params["methods"]) == models.list_methods()
     for name, p in params["methods"].items():
         spec = models.get_method(name)
-        assert p["data"] == f"data/{spec.data_stage}", "dvc.yaml's data dep must be the registry's stage"
+        stage = stages[spec.data_stage]
+        if "foreach" in stage:  # one stage per profile: data/era5/${item}/prepared
+            outs = [o.replace("${item}", prof) for o in stage["do"]["outs"] for prof in params["era5_profiles"]]
+        else:
+            outs = stage["outs"]
+        assert p["data"] in outs, f"{name}: params data {p['data']} is not an output of stage {spec.data_stage}"
         assert set(p.get("loss", {})) <= set(spec.loss)
-        assert len(p["seeds"]) >= 3
+        if spec.student:
+            assert len(p["seeds"]) >= 3, "a distillation claim is a mean over at least 3 seeds"
+        if spec.kind == "forecast":
+            assert set(p["eval_leads"]) >= {int(c.left_metric.rsplit("_", 1)[1][:-1]) for c in spec.claims}

@@ -1,0 +1,559 @@
+"""DVC stage `era5_prepare`: raw ERA5 store → harmonised, regridded, split, validated training data.
+
+    python -m tasks.era5_prepare [--profile NAME] [RAW] [OUT_DIR]
+        # defaults data/era5/raw.zarr data/era5/prepared; params: params.yaml › era5_prepare [› NAME]
+
+Steps, in order:
+1. Harmonise to ERA5 short names (z t u v q t2m msl sp u10 v10; ARCO long names, `2t`, `10u`, `gh`...
+   are mapped), dims (time, level, latitude, longitude) (`valid_time`, `pressure_level`,
+   `isobaricInhPa`, `lat`, `lon` are mapped) and SI units (gpm → m² s⁻² ×9.80665, °C → K, g/kg → kg/kg,
+   hPa → Pa). Units this module does not know are an error ("wrong units"), never a guess.
+2. Select the variables and levels (levels keep the order given in params).
+3. Regrid to `grid_deg`: when it is an integer multiple k of the source spacing, block-average k × k
+   cells (xarray coarsen, boundary "trim": rows/columns that do not fill a block are dropped, e.g. the
+   south pole row of a 721-row grid; coordinates become block centres); otherwise linear interpolation
+   (xarray interp) onto a grid that starts at the source's first latitude and longitude and stays inside
+   the source domain (no extrapolation, no wrap-around). Averaging happens in the source's contiguous
+   longitude order, then longitudes are wrapped into [0, 360) and sorted ascending (a regional box that
+   crosses 0° E therefore becomes two increasing runs, e.g. 0..2 then 350..359.75), latitudes descending.
+4. Split by time, chronologically, train → val → test, either by fractions of the time steps or by
+   explicit inclusive date ranges. Between consecutive splits the time difference is more than
+   `max_lead_hours` (the fraction split drops floor(max_lead_hours / step) steps in between; explicit
+   ranges that do not satisfy it are an error), so no forecast target of one split lies in another.
+5. Statistics and climatology from the training split only. Normalisation statistics: mean and
+   population std (ddof 0) per variable and level over (time, latitude, longitude), NOT latitude-weighted
+   (the normaliser only needs one consistent scale per channel; skill scores apply the latitude
+   weights). Climatology: mean per hour of day (UTC) of every variable/level/grid point; always 24 hours
+   0..23, and when the data are sub-daily (e.g. 6-hourly) the missing hours are filled by periodic linear
+   interpolation between the hours present.
+6. Validate every split with Great Expectations (physical range per variable, no NaN/inf, latitude
+   strictly decreasing, longitude strictly increasing in [0, 360), time strictly increasing with a
+   regular step), then write into OUT_DIR atomically: train.zarr, val.zarr, test.zarr (float32; upper
+   variables (time, level, latitude, longitude), surface (time, latitude, longitude)),
+   climatology.zarr (hour, [level,] latitude, longitude), stats.json, meta.json.
+
+The params this module expects (`params.yaml`)::
+
+    era5_prepare:
+      variables: [z, t, u, v, t2m, msl, u10, v10]   # ERA5 short names; null = every one the raw data has
+      levels: [850, 500, 250]          # hPa, in this order; [] when there are no upper-air variables
+      grid_deg: 11.25                  # target spacing in degrees; null keeps the source grid
+      split: {val: 0.15, test: 0.15}   # fractions of the time steps, or explicit inclusive ranges:
+                                       # {train: [2020-01-01, 2020-01-20T23], val: [...], test: [...]}
+      max_lead_hours: 24               # the longest forecast lead trained or scored (default 24)
+
+`load_prepared(data_dir)` is what training code reads; it re-validates the splits with the same suite.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from .common import StageError, atomic_dir, cli_main, load_params, profile_params, write_json
+from .era5 import VARIABLES, short_name
+from .validate import validate_frame
+
+RAW = "data/era5/raw.zarr"
+OUT_DIR = "data/era5/prepared"
+SPLITS = ("train", "val", "test")
+G = 9.80665
+DIMS_UPPER = ("time", "level", "latitude", "longitude")
+DIMS_SURFACE = ("time", "latitude", "longitude")
+
+# physical bounds for validation: wide enough for any real ERA5 value, narrow enough to catch a unit slip
+# (t2m in °C labelled K, pressure in hPa labelled Pa, z in metres labelled m² s⁻²)
+BOUNDS: dict[str, tuple[float, float]] = {
+    "z": (-1.0e4, 5.0e5),      # m² s⁻²: ~-500 m at 1000 hPa in deep lows, ~48 km at 1 hPa
+    "t": (150.0, 350.0),       # K
+    "u": (-150.0, 150.0),      # m s⁻¹
+    "v": (-150.0, 150.0),
+    "q": (-1.0e-4, 0.05),      # kg kg⁻¹ (ERA5 has tiny negative values)
+    "t2m": (170.0, 340.0),     # K
+    "msl": (8.5e4, 1.1e5),     # Pa
+    "sp": (3.0e4, 1.1e5),      # Pa: ~33 kPa on Everest
+    "u10": (-100.0, 100.0),
+    "v10": (-100.0, 100.0),
+}
+
+# accepted unit spellings (lower case, without spaces, '*', '^', '.' and '_') → (scale, offset) to ERA5 units
+_SAME = (1.0, 0.0)
+_WIND = {"ms-1": _SAME, "m/s": _SAME, "ms**-1": _SAME, "meterspersecond": _SAME, "metrepersecond": _SAME}
+_KELVIN = {"k": _SAME, "kelvin": _SAME, "degc": (1.0, 273.15), "°c": (1.0, 273.15), "c": (1.0, 273.15),
+           "celsius": (1.0, 273.15), "degreescelsius": (1.0, 273.15)}
+_PASCAL = {"pa": _SAME, "pascal": _SAME, "hpa": (100.0, 0.0), "mbar": (100.0, 0.0), "mb": (100.0, 0.0),
+           "millibars": (100.0, 0.0)}
+UNITS: dict[str, dict[str, tuple[float, float]]] = {
+    "z": {"m2s-2": _SAME, "m2/s2": _SAME, "m**2s**-2": _SAME, "gpm": (G, 0.0), "m": (G, 0.0)},
+    "t": _KELVIN, "t2m": _KELVIN,
+    "u": _WIND, "v": _WIND, "u10": _WIND, "v10": _WIND,
+    "q": {"kgkg-1": _SAME, "kg/kg": _SAME, "1": _SAME, "gkg-1": (1e-3, 0.0), "g/kg": (1e-3, 0.0)},
+    "msl": _PASCAL, "sp": _PASCAL,
+}
+DIM_NAMES = {"isobaricInhPa": "level", "pressure_level": "level", "plev": "level",
+             "lat": "latitude", "lon": "longitude"}
+
+
+def upper_vars(ds: xr.Dataset) -> list[str]:
+    """Variables with a `level` dim, in the canonical order z, t, u, v, q."""
+    return [v for v in VARIABLES if v in ds.data_vars and "level" in ds[v].dims]
+
+
+def surface_vars(ds: xr.Dataset) -> list[str]:
+    """Variables without a `level` dim, in the canonical order t2m, msl, sp, u10, v10."""
+    return [v for v in VARIABLES if v in ds.data_vars and "level" not in ds[v].dims]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. harmonise
+
+def open_raw(path: str | Path) -> xr.Dataset:
+    path = Path(path)
+    if not path.exists():
+        raise StageError(path, "not found (run `dvc repro era5`)")
+    try:
+        return xr.open_zarr(path, consolidated=False)
+    except Exception as e:  # zarr raises many types for a broken store
+        raise StageError(path, f"not a readable Zarr store: {type(e).__name__}: {e}") from None
+
+
+def _norm_units(units: str) -> str:
+    return re.sub(r"[\s*^._]", "", str(units).strip().lower())
+
+
+def convert_units(da: xr.DataArray, var: str, where: str) -> xr.DataArray:
+    """`da` in ERA5 units; StageError for units this module does not know."""
+    units = da.attrs.get("units")
+    if units is None:
+        raise StageError(where, f"{var}: wrong units: no `units` attribute")
+    try:
+        scale, offset = UNITS[var][_norm_units(units)]
+    except KeyError:
+        raise StageError(where, f"{var}: wrong units {units!r} (expected {VARIABLES[var].units!r} "
+                                f"or a known equivalent)") from None
+    out = da if (scale, offset) == _SAME else da * scale + offset
+    return out.astype(np.float32).assign_attrs(units=VARIABLES[var].units, long_name=VARIABLES[var].title)
+
+
+def _harmonise_time(ds: xr.Dataset) -> xr.Dataset:
+    """`time` is the valid time: CDS netCDF calls its time axis `valid_time`; cfgrib has `time` (the
+    analysis/initial time) with `valid_time` beside it, equal for analyses."""
+    if "valid_time" in ds.dims:
+        ds = ds.drop_vars([c for c in ("time",) if c in ds.variables]).rename({"valid_time": "time"})
+    elif "valid_time" in ds.coords and "time" in ds.dims and ds["valid_time"].dims == ("time",):
+        ds = ds.assign_coords(time=ds["valid_time"].values).drop_vars("valid_time")
+    return ds
+
+
+def harmonise(ds: xr.Dataset, where: str) -> xr.Dataset:
+    """ERA5 short names, dims and units; variables this project does not use are dropped."""
+    ds = _harmonise_time(ds)
+    ds = ds.rename({k: v for k, v in DIM_NAMES.items() if k in ds.variables or k in ds.dims})
+    ds = ds.drop_vars([c for c in ds.coords if c not in ds.dims])
+    if "time" not in ds.dims:
+        raise StageError(where, f"no time dimension (dims {list(ds.dims)})")
+    out = {}
+    for name in ds.data_vars:
+        short = short_name(str(name))
+        if short is None:
+            continue
+        if short in out:
+            raise StageError(where, f"two variables map to {short!r}")
+        out[short] = convert_units(ds[name], short, where)
+    ds = xr.Dataset(out, coords=ds.coords, attrs=ds.attrs)
+    if "level" in ds.coords:
+        ds = _harmonise_levels(ds)
+    return ds
+
+
+def _harmonise_levels(ds: xr.Dataset) -> xr.Dataset:
+    level = ds["level"]
+    values = np.asarray(level.values, dtype=float)
+    if _norm_units(level.attrs.get("units", "hpa")) in ("pa", "pascal"):
+        values = values / 100
+    values = values.astype(np.int64) if np.all(values == np.round(values)) else values
+    return ds.assign_coords(level=("level", values, {"units": "hPa", "long_name": "pressure level"}))
+
+
+def select(ds: xr.Dataset, variables: list[str] | None, levels: list[float] | None, where: str) -> xr.Dataset:
+    """The requested variables (canonical order) and levels (params order); StageError when absent."""
+    variables = list(variables) if variables else [v for v in VARIABLES if v in ds.data_vars]
+    unknown = [v for v in variables if v not in VARIABLES]
+    if unknown:
+        raise StageError("params.yaml",
+                         f"era5_prepare.variables: unknown {unknown} (known: {list(VARIABLES)})")
+    missing = [v for v in variables if v not in ds.data_vars]
+    if missing:
+        raise StageError(where, f"missing variable(s) {missing} (has {list(ds.data_vars)})")
+    ds = ds[[v for v in VARIABLES if v in variables]]
+    for v in ds.data_vars:
+        expected = DIMS_UPPER if VARIABLES[v].upper else DIMS_SURFACE
+        if set(ds[v].dims) != set(expected):
+            raise StageError(where, f"{v} has dims {ds[v].dims}, expected {expected}")
+    if "level" in ds.dims:
+        if not levels:
+            raise StageError("params.yaml", "era5_prepare.levels: upper-air variables need levels")
+        have = ds["level"].values.tolist()
+        absent = [lv for lv in levels if lv not in have]
+        if absent:
+            raise StageError(where, f"missing level(s) {absent} (has {have})")
+        ds = ds.sel(level=list(levels))
+    elif "level" in ds.coords:
+        ds = ds.drop_vars("level")
+    return ds.transpose(*[d for d in DIMS_UPPER if d in ds.dims])
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. grid
+
+def _regular_step(values: np.ndarray) -> float | None:
+    """|spacing| of a regular, monotonic axis, else None."""
+    if len(values) < 2:
+        return None
+    d = np.diff(values.astype(float))
+    if not (np.all(d > 0) or np.all(d < 0)) or not np.allclose(d, d[0], rtol=1e-6, atol=1e-9):
+        return None
+    return abs(float(d[0]))
+
+
+def contiguous_longitude(ds: xr.Dataset) -> xr.Dataset:
+    """Longitudes as one increasing run: as given, else in [0, 360), else in [-180, 180)."""
+    lon = ds["longitude"].values.astype(float)
+    if len(lon) < 2 or np.all(np.diff(lon) > 0):
+        return ds
+    for wrapped in (lon % 360, (lon + 180) % 360 - 180):
+        if _regular_step(np.sort(wrapped)) is not None:
+            return ds.assign_coords(longitude=wrapped).sortby("longitude")
+    return ds.assign_coords(longitude=lon % 360).sortby("longitude")
+
+
+def regrid(ds: xr.Dataset, grid_deg: float | None) -> tuple[xr.Dataset, str]:
+    """Block mean when `grid_deg` is an integer multiple of the source spacing, else linear interpolation.
+    Returns the dataset and a description for meta.json."""
+    ds = contiguous_longitude(ds.sortby("latitude", ascending=False))
+    if grid_deg is None:
+        return ds, "native"
+    steps = [_regular_step(ds[c].values) for c in ("latitude", "longitude")]
+    factors = [grid_deg / s if s else None for s in steps]
+    if all(f is not None and abs(f - round(f)) < 1e-6 and round(f) >= 1 for f in factors):
+        k_lat, k_lon = (int(round(f)) for f in factors)
+        if (k_lat, k_lon) == (1, 1):
+            return ds, "native"
+        # np.mean, not .mean(): a NaN must reach validation, not be skipped
+        coarse = ds.coarsen(latitude=k_lat, longitude=k_lon, boundary="trim").reduce(np.mean)
+        return coarse.assign_attrs(ds.attrs), f"block mean {k_lat}x{k_lon}"
+    lat, lon = ds["latitude"].values, ds["longitude"].values
+    new_lat = lat[0] - grid_deg * np.arange(int(math.floor((lat[0] - lat[-1]) / grid_deg + 1e-6)) + 1)
+    new_lon = lon[0] + grid_deg * np.arange(int(math.floor((lon[-1] - lon[0]) / grid_deg + 1e-6)) + 1)
+    out = ds.interp(latitude=new_lat, longitude=new_lon, method="linear")
+    return out.assign_attrs(ds.attrs), "linear interpolation"
+
+
+def wrap_and_sort(ds: xr.Dataset) -> xr.Dataset:
+    """ERA5 order: longitude ascending in [0, 360), latitude descending."""
+    lon = (ds["longitude"].values.astype(float) % 360 + 360) % 360
+    return ds.assign_coords(longitude=lon).sortby("longitude").sortby("latitude", ascending=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. splits
+
+def step_hours_of(times: np.ndarray, where: str) -> int:
+    if len(times) < 2:
+        raise StageError(where, "needs at least two time steps")
+    step = (times[1] - times[0]) / np.timedelta64(1, "h")
+    if step <= 0 or step != int(step):
+        raise StageError(where, f"time step {step} h is not a positive whole number of hours")
+    return int(step)
+
+
+def split_indices(times: np.ndarray, split: dict[str, Any], max_lead_hours: float,
+                  step_hours: int) -> dict[str, np.ndarray]:
+    """Index arrays per split, chronological, with more than `max_lead_hours` between splits."""
+    if all(k in split for k in SPLITS):
+        idx = _explicit_split(times, split)
+    else:
+        idx = _fraction_split(len(times), float(split.get("val", 0.15)), float(split.get("test", 0.15)),
+                              int(max_lead_hours // step_hours))
+    for earlier, later in zip(SPLITS, SPLITS[1:]):
+        gap = (times[idx[later][0]] - times[idx[earlier][-1]]) / np.timedelta64(1, "h")
+        if gap <= max_lead_hours:
+            raise StageError("params.yaml", f"era5_prepare.split: {later} starts {gap:g} h after {earlier} "
+                                            f"ends; need more than max_lead_hours={max_lead_hours:g} h")
+    return idx
+
+
+def _fraction_split(n: int, val: float, test: float, gap_steps: int) -> dict[str, np.ndarray]:
+    if not (0 < val < 1 and 0 < test < 1 and val + test < 1):
+        raise StageError("params.yaml",
+                         f"era5_prepare.split: need 0 < val, test and val + test < 1, got {val}, {test}")
+    usable = n - 2 * gap_steps
+    n_val, n_test = round(usable * val), round(usable * test)
+    n_train = usable - n_val - n_test
+    if min(n_train, n_val, n_test) < 1:
+        raise StageError("params.yaml", f"era5_prepare.split: {n} time steps are too few for the split "
+                                        f"with {gap_steps} steps between splits")
+    val_start = n_train + gap_steps
+    test_start = val_start + n_val + gap_steps
+    return {"train": np.arange(0, n_train), "val": np.arange(val_start, val_start + n_val),
+            "test": np.arange(test_start, test_start + n_test)}
+
+
+def _explicit_split(times: np.ndarray, split: dict[str, Any]) -> dict[str, np.ndarray]:
+    out = {}
+    for name in SPLITS:
+        start, end = (np.datetime64(pd.Timestamp(t)) for t in split[name])
+        idx = np.flatnonzero((times >= start) & (times <= end))
+        if len(idx) == 0:
+            raise StageError("params.yaml", f"era5_prepare.split.{name}: no data between {start} and {end}")
+        out[name] = idx
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. statistics and climatology (training split only)
+
+def compute_stats(train: xr.Dataset) -> dict[str, dict[str, Any]]:
+    """{var: {"mean": [per level] | float, "std": ...}} over time, latitude, longitude (unweighted)."""
+    stats = {}
+    for v in train.data_vars:
+        x = train[v].values.astype(np.float64)
+        if "level" in train[v].dims:
+            axes = tuple(i for i, d in enumerate(train[v].dims) if d != "level")
+            stats[v] = {"mean": x.mean(axis=axes).tolist(), "std": x.std(axis=axes).tolist()}
+        else:
+            stats[v] = {"mean": float(x.mean()), "std": float(x.std())}
+    return stats
+
+
+def compute_climatology(train: xr.Dataset) -> xr.Dataset:
+    """Mean per hour of day 0..23; hours the data lack are interpolated periodically."""
+    clim = train.astype(np.float64).groupby("time.hour").mean("time")
+    hours = clim["hour"].values
+    if len(hours) < 24:
+        # pad one period on each side so that interpolation wraps around midnight
+        padded = xr.concat([clim.assign_coords(hour=hours - 24), clim, clim.assign_coords(hour=hours + 24)],
+                           "hour")
+        clim = padded.interp(hour=np.arange(24), method="linear")
+    clim = clim.astype(np.float32)
+    for v in clim.data_vars:
+        clim[v].attrs = dict(train[v].attrs)
+    return clim.transpose("hour", *[d for d in DIMS_UPPER[1:] if d in clim.dims])
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. validation (Great Expectations on small summary frames)
+
+def _stems(variables: list[str], levels: list[int]) -> dict[str, tuple[str, int | None]]:
+    """Summary row label ("z500", "t2m") → (variable, level)."""
+    stems = {}
+    for v in variables:
+        for lv in (levels if VARIABLES[v].upper else [None]):
+            stems[f"{v}{lv}" if lv is not None else v] = (v, lv)
+    return stems
+
+
+def field_frame(ds: xr.Dataset) -> pd.DataFrame:
+    """One row per variable/level and time step: min and max over the grid (NaN propagates, so a NaN
+    anywhere in the field makes both NaN) and the variable's physical bounds."""
+    levels = ds["level"].values.tolist() if "level" in ds.dims else []
+    n_time = ds.sizes["time"]
+    parts = []
+    for stem, (v, lv) in _stems(list(ds.data_vars), levels).items():
+        field = ds[v].sel(level=lv) if lv is not None else ds[v]
+        x = field.transpose("time", ...).values.reshape(n_time, -1)
+        lo, hi = BOUNDS[v]
+        parts.append(pd.DataFrame({"variable": stem, "min": x.min(axis=1).astype(float),
+                                   "max": x.max(axis=1).astype(float), "lower": lo, "upper": hi}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def axes_frame(ds: xr.Dataset) -> pd.DataFrame:
+    """latitude, longitude, time (hours since 1970) and the step before each time, side by side; the
+    shorter columns are padded with NaN at the end (GX skips nulls)."""
+    hours = (ds["time"].values - np.datetime64("1970-01-01")) / np.timedelta64(1, "h")
+    cols = {"latitude": ds["latitude"].values.astype(float),
+            "longitude": ds["longitude"].values.astype(float),
+            "time_h": hours.astype(float), "dt_h": np.concatenate([[np.nan], np.diff(hours)])}
+    n = max(len(c) for c in cols.values())
+    return pd.DataFrame({k: np.concatenate([c, np.full(n - len(c), np.nan)]) for k, c in cols.items()})
+
+
+def fields_suite(stems: list[str]):
+    """Every expected variable/level present, no NaN/inf, min and max within the physical bounds."""
+    def build() -> list[Any]:
+        import great_expectations as gx
+        E = gx.expectations
+        return [
+            E.ExpectTableColumnsToMatchSet(column_set=["variable", "min", "max", "lower", "upper"],
+                                           exact_match=True),
+            E.ExpectColumnDistinctValuesToEqualSet(column="variable", value_set=stems),
+            E.ExpectColumnValuesToNotBeNull(column="min"),
+            E.ExpectColumnValuesToNotBeNull(column="max"),
+            E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="min", column_B="lower", or_equal=True),
+            E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="upper", column_B="max", or_equal=True),
+        ]
+    return build
+
+
+def axes_suite(step_hours: int):
+    """ERA5 orientation and a regular time axis."""
+    def build() -> list[Any]:
+        import great_expectations as gx
+        E = gx.expectations
+        return [
+            E.ExpectColumnValuesToBeDecreasing(column="latitude", strictly=True),
+            E.ExpectColumnValuesToBeBetween(column="latitude", min_value=-90, max_value=90),
+            E.ExpectColumnValuesToBeIncreasing(column="longitude", strictly=True),
+            E.ExpectColumnValuesToBeBetween(column="longitude", min_value=0, max_value=360, strict_max=True),
+            E.ExpectColumnValuesToBeIncreasing(column="time_h", strictly=True),
+            E.ExpectColumnValuesToBeBetween(column="dt_h", min_value=step_hours, max_value=step_hours),
+        ]
+    return build
+
+
+def _field_problems(frame: pd.DataFrame, limit: int = 5) -> str:
+    """Which variables failed, in words (GX reports only counts for the pair expectations)."""
+    problems = []
+    for stem, rows in frame.groupby("variable", sort=False):
+        lo, hi = rows["lower"].iloc[0], rows["upper"].iloc[0]
+        if rows[["min", "max"]].isna().any().any():
+            problems.append(f"{stem} has NaN in {int(rows['min'].isna().sum())} time steps")
+        elif rows["min"].min() < lo or rows["max"].max() > hi:
+            problems.append(f"{stem} spans {rows['min'].min():.6g}..{rows['max'].max():.6g}, "
+                            f"outside [{lo:g}, {hi:g}]")
+    return "; ".join(problems[:limit])
+
+
+def validate_split(ds: xr.Dataset, split: str, variables: list[str], levels: list[int], step_hours: int,
+                   source: str) -> None:
+    """StageError naming `source` when the split fails the suites."""
+    frame = field_frame(ds)
+    try:
+        validate_frame(frame, fields_suite(list(_stems(variables, levels))), source=source,
+                       name=f"era5-{split}")
+        validate_frame(axes_frame(ds), axes_suite(step_hours), source=source, name=f"era5-{split}-axes")
+    except StageError as e:
+        detail = _field_problems(frame)
+        raise StageError(source, f"{split} split {e.problem}" + (f" ({detail})" if detail else "")) from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# the stage
+
+def build(raw: str | Path, cfg: dict[str, Any]) -> tuple[dict[str, xr.Dataset], dict, dict]:
+    """Everything but writing: ({split: Dataset, "climatology": Dataset}, stats, meta), splits validated."""
+    where = str(raw)
+    ds = open_raw(raw)
+    ds = harmonise(ds, where)
+    ds = select(ds, cfg.get("variables"), cfg.get("levels"), where)
+    ds, regrid_how = regrid(ds, cfg.get("grid_deg"))
+    ds = wrap_and_sort(ds).load()
+    # the raw attributes describe the source grid: keep only where the data came from
+    ds.attrs = {"source": ds.attrs.get("source", "unknown")}
+    variables = list(ds.data_vars)
+    levels = ds["level"].values.tolist() if "level" in ds.dims else []
+    times = ds["time"].values
+    step = step_hours_of(times, where)
+    max_lead = cfg.get("max_lead_hours", 24)
+    idx = split_indices(times, cfg.get("split") or {}, max_lead, step)
+    splits = {name: ds.isel(time=i) for name, i in idx.items()}
+    for name, part in splits.items():
+        validate_split(part, name, variables, levels, step, where)
+    lat, lon = ds["latitude"].values, ds["longitude"].values
+    meta = {
+        "source": ds.attrs["source"],
+        "raw": where,
+        "variables": variables,
+        "upper_variables": upper_vars(ds),
+        "surface_variables": surface_vars(ds),
+        "levels": levels,
+        "step_hours": step,
+        "max_lead_hours": max_lead,
+        "grid": {"grid_deg": cfg.get("grid_deg"), "regrid": regrid_how, "n_lat": len(lat), "n_lon": len(lon),
+                 "latitude": [float(lat[0]), float(lat[-1])], "longitude": [float(lon[0]), float(lon[-1])]},
+        "splits": {name: {"start": str(p["time"].values[0])[:19], "end": str(p["time"].values[-1])[:19],
+                          "n_times": int(p.sizes["time"])} for name, p in splits.items()},
+        "stats_method": "mean and population std over time, latitude, longitude of the train split, "
+                        "not latitude-weighted",
+    }
+    outputs = {**splits, "climatology": compute_climatology(splits["train"])}
+    return outputs, compute_stats(splits["train"]), meta
+
+
+def _to_zarr(ds: xr.Dataset, path: Path) -> None:
+    ds = ds.copy()
+    for var in ds.variables.values():
+        var.encoding = {}
+    ds.to_zarr(path, mode="w", consolidated=False)
+
+
+def prepare(raw: str | Path, out_dir: str | Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Builds and validates everything, then writes OUT_DIR atomically; returns meta."""
+    outputs, stats, meta = build(raw, cfg)
+    with atomic_dir(out_dir) as tmp:
+        for name, ds in outputs.items():
+            _to_zarr(ds, tmp / f"{name}.zarr")
+        write_json(tmp / "stats.json", stats)
+        write_json(tmp / "meta.json", meta)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------------
+# the consumer side
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise StageError(path, "not found (run `dvc repro era5_prepare`)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise StageError(path, f"not valid JSON: {e}") from None
+
+
+def _open_store(path: Path) -> xr.Dataset:
+    if not path.exists():
+        raise StageError(path, "not found (run `dvc repro era5_prepare`)")
+    try:
+        return xr.open_zarr(path, consolidated=False, chunks=None)
+    except Exception as e:
+        raise StageError(path, f"not a readable Zarr store: {type(e).__name__}: {e}") from None
+
+
+def load_prepared(data_dir: str | Path = OUT_DIR, validate: bool = True) -> dict[str, Any]:
+    """{"train", "val", "test": Dataset, "climatology": Dataset, "stats": dict, "meta": dict}.
+
+    With validate=True the splits are loaded into memory and checked with the suite `prepare` used;
+    otherwise they are opened lazily (no Dask; values are read on access)."""
+    data_dir = Path(data_dir)
+    meta = _read_json(data_dir / "meta.json")
+    out: dict[str, Any] = {"stats": _read_json(data_dir / "stats.json"), "meta": meta}
+    for name in (*SPLITS, "climatology"):
+        path = data_dir / f"{name}.zarr"
+        ds = _open_store(path)
+        ds = ds[upper_vars(ds) + surface_vars(ds)]  # Zarr does not keep the order
+        if validate and name in SPLITS:
+            ds = ds.load()
+            validate_split(ds, name, meta["variables"], meta["levels"], int(meta["step_hours"]), str(path))
+        out[name] = ds
+    return out
+
+
+def main(argv: list[str]) -> None:
+    cfg, argv = profile_params("era5_prepare", argv)
+    raw = argv[0] if argv else RAW
+    out_dir = argv[1] if len(argv) > 1 else OUT_DIR
+    meta = prepare(raw, out_dir, cfg)
+    sizes = {k: v["n_times"] for k, v in meta["splits"].items()}
+    print(f"era5_prepare: wrote {out_dir} ({meta['grid']['n_lat']}x{meta['grid']['n_lon']}, "
+          f"{meta['variables']}, levels {meta['levels']}, times {sizes})")
+
+
+if __name__ == "__main__":
+    cli_main(main)

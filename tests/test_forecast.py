@@ -1,0 +1,95 @@
+"""Forecast task pieces against numpy loops: normalisation, baselines, scores, training."""
+import numpy as np
+import pytest
+import torch
+
+import models
+from models.distill import DistillationLoss
+from tasks.forecast import (TARGETS_ONLY, Fields, Normalizer, climatology_predictor, fit_forecaster,
+                            persistence_predictor, score)
+from tasks.train import TrainConfig
+from tasks.weather_metrics import weighted_rmse
+
+LAT = np.linspace(80, -80, 8)
+STATS = {"z": {"mean": [1.5e4, 5.5e4], "std": [800.0, 1200.0]}, "t": {"mean": [280.0, 255.0], "std": [10.0, 8.0]},
+         "t2m": {"mean": 285.0, "std": 12.0}}
+
+
+def normalizer():
+    return Normalizer(STATS, ["z", "t"], ["t2m"])
+
+
+def test_normalizer_is_a_per_channel_z_score_and_round_trips():
+    rng = np.random.default_rng(0)
+    upper = torch.tensor(rng.normal(0, 1, (3, 2, 2, 8, 16)) * 100 + 5e4, dtype=torch.float32)
+    surface = torch.tensor(rng.normal(285, 5, (3, 1, 8, 16)), dtype=torch.float32)
+    nu, ns = normalizer().norm(upper, surface)
+    for v, var in enumerate(["z", "t"]):
+        for lvl in range(2):
+            expected = (upper[:, v, lvl].numpy() - STATS[var]["mean"][lvl]) / STATS[var]["std"][lvl]
+            np.testing.assert_allclose(nu[:, v, lvl].numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ns[:, 0].numpy(), (surface[:, 0].numpy() - 285.0) / 12.0, rtol=1e-5, atol=1e-6)
+    bu, bs = normalizer().denorm(nu, ns)
+    torch.testing.assert_close(bu, upper, rtol=1e-5, atol=1e-2)
+    torch.testing.assert_close(bs, surface)
+
+
+def fields(T=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Fields(upper=torch.randn(T, 2, 2, 8, 16, generator=g), surface=torch.randn(T, 1, 8, 16, generator=g),
+                  hours=np.arange(T) % 24, step_hours=1)
+
+
+def test_baselines_pick_the_initial_state_and_the_valid_hour_climatology():
+    f = fields()
+    clim = (torch.randn(24, 2, 2, 8, 16), torch.randn(24, 1, 8, 16))
+    idx = torch.tensor([0, 5, 23])
+    u, s = persistence_predictor(f)(idx, 6)
+    torch.testing.assert_close(u, f.upper[idx])
+    u, s = climatology_predictor(f, clim)(idx, 6)
+    for row, i in enumerate(idx.tolist()):
+        torch.testing.assert_close(s[row], clim[1][(f.hours[i] + 6) % 24])
+
+
+def test_score_matches_a_loop_in_physical_units():
+    f = fields(T=12)
+    norm = normalizer()
+    clim = norm.denorm(torch.zeros(24, 2, 2, 8, 16), torch.zeros(24, 1, 8, 16))
+    headline = [("z500", "upper", 0, 1), ("t2m", "surface", 0, None)]
+    got = score(persistence_predictor(f), f, norm, clim, LAT, [3], headline)
+    fu, _ = norm.denorm(f.upper, f.surface)
+    init = list(range(12 - 3))
+    expected = weighted_rmse(torch.stack([fu[i, 0, 1] for i in init]), torch.stack([fu[i + 3, 0, 1] for i in init]), LAT)
+    assert got["rmse_z500_3h"] == pytest.approx(expected, rel=1e-9)
+    assert set(got) == {"rmse_z500_3h", "acc_z500_3h", "rmse_t2m_3h", "acc_t2m_3h"}
+
+
+def tiny(**kw):
+    return models.create_model("pangu_tiny", n_upper=2, n_levels=2, n_surface=1, n_lat=8, n_lon=16, **kw)
+
+
+def test_fit_forecaster_learns_a_shift_and_distils_with_one_teacher_pass():
+    # truth: the field moves one grid point east per step; a learnable, non-trivial map
+    base = torch.randn(1, 2, 2, 8, 16)
+    upper = torch.cat([torch.roll(base, t, dims=-1) for t in range(40)])
+    surface = upper[:, :1, 0]
+    train = Fields(upper, surface, np.arange(40) % 24, 1)
+    cfg = TrainConfig(epochs=4, batch_size=8, lr=0.003)
+    torch.manual_seed(0)
+    hist = fit_forecaster(tiny(), train, train, 2, cfg, seed=0, criterion=DistillationLoss(TARGETS_ONLY))
+    assert hist[-1]["val_loss"] < hist[0]["val_loss"]
+
+    teacher, calls = tiny(embed_dim=32), []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    crit = DistillationLoss({"forecast_l1": {"weight": 0.5}, "forecast_kd": {"weight": 0.5},
+                             "hint": {"weight": 0.1, "student_key": "encoder1", "teacher_key": "encoder1"}})
+    fit_forecaster(tiny(), train, train, 2, TrainConfig(epochs=1, batch_size=8, lr=0.003), seed=0, criterion=crit,
+                   teacher=teacher, taps={"student": ("encoder1",), "teacher": ("encoder1",)})
+    assert len(calls) == 1  # 38 training inputs < one chunk of 64: the teacher ran once
+    assert crit.terms["hint"].adapter.weight.shape == (32, 16)
+
+
+def test_too_short_split_is_an_error():
+    f = fields(T=5)
+    with pytest.raises(ValueError, match="too few"):
+        fit_forecaster(tiny(), f, f, 6, TrainConfig(1, 4, 0.01), seed=0, criterion=DistillationLoss(TARGETS_ONLY))
