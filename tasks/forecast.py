@@ -286,7 +286,7 @@ def train_lead_model(spec: MethodSpec, role: str, lead: int, data_dir: str, para
         tracking.log_learning_curve(history, f"{spec.name} · {role} · {lead} h · seed {seed}")
         model_uri = tracking.log_model(model, None)
     return TrainedModel(role=role, seed=seed, run_id=run_id, model_uri=model_uri,
-                        val_score=history[-1]["val_loss"])
+                        val_score=history[-1]["val_loss"], val_higher_is_better=False)
 
 
 def compose_forecaster(spec: MethodSpec, role: str, members: dict[int, TrainedModel], seed: int,
@@ -300,7 +300,8 @@ def compose_forecaster(spec: MethodSpec, role: str, members: dict[int, TrainedMo
     with tracking.run(ctx, f"{role}-forecaster-seed{seed}", tags=tags) as run_id:
         uri = tracking.log_model(forecaster, None)
     return TrainedModel(role=role, seed=seed, run_id=run_id, model_uri=uri,
-                        val_score=float(np.mean([tm.val_score for tm in members.values()])))
+                        val_score=float(np.mean([tm.val_score for tm in members.values()])),
+                        val_higher_is_better=False)
 
 
 def evaluate_forecasters(spec: MethodSpec, data_dir: str, forecasters: list[TrainedModel],

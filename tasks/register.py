@@ -36,8 +36,7 @@ def register_models(spec: MethodSpec, teacher: TrainedModel, teacher_version: in
                                                 test_score[("teacher", teacher.seed)], spec.higher_is_better, ctx)
     if not students:
         return {"teacher": teacher_result}
-    # val_score is an accuracy for classifiers and a loss for forecasters
-    pick = max if spec.kind == "classification" and spec.higher_is_better else min
+    pick = max if students[0].val_higher_is_better else min
     best = pick(students, key=lambda s: s.val_score)
     student_version = tracking.register_version(
         names["student_kd"], best.model_uri, best.run_id, ctx,

@@ -46,6 +46,7 @@ class TrainedModel:
     run_id: str
     model_uri: str
     val_score: float
+    val_higher_is_better: bool = True  # an accuracy for classifiers, a loss for forecasters
 
 
 def resolve_device(name: str = "auto") -> torch.device:
