@@ -53,6 +53,9 @@ class PanguConfig:
     # predict the increment over the input state (as GraphCast does) instead of the state itself as
     # Pangu does: a small CPU budget cannot afford to learn the identity map first
     residual: bool = True
+    # the globe is a circle in longitude; a regional grid (e.g. the UK samples) is not, so its shifted
+    # windows are masked at the east/west edges like latitude's
+    wrap_lon: bool = True
 
     @property
     def token_grid(self) -> tuple[int, int, int]:
@@ -158,9 +161,9 @@ class EarthSpecificBlock(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, grid: tuple[int, int, int], window: tuple[int, int, int],
-                 shifted: bool, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
+                 shifted: bool, mlp_ratio: float = 4.0, drop_path: float = 0.0, wrap_lon: bool = True) -> None:
         super().__init__()
-        self.grid = grid
+        self.grid, self.wrap_lon = grid, wrap_lon
         self.window = tuple(min(w, g) for w, g in zip(window, grid))
         self.shift = tuple(w // 2 if shifted and g > w else 0 for w, g in zip(self.window, grid))
         self.padded = tuple(math.ceil(g / w) * w for g, w in zip(grid, self.window))
@@ -183,8 +186,11 @@ class EarthSpecificBlock(nn.Module):
         z, h, w = torch.meshgrid(*(torch.arange(p) + s for p, s in zip(self.padded, self.shift)),
                                  indexing="ij")           # (Zp, Hp, Wp) each
         # Level and latitude have ends: tokens that wrapped there were not neighbours, so they get a
-        # region of their own. Longitude is a circle, so its wrap-around stays unmasked.
-        region = (z >= Zp).long() * 2 + (h >= Hp).long()
+        # region of their own. Longitude is a circle on the globe, so its wrap-around stays unmasked
+        # unless the grid is regional.
+        region = (z >= Zp).long() * 4 + (h >= Hp).long() * 2
+        if not self.wrap_lon:
+            region = region + (w >= Wp).long()
         pad = (z % Zp >= Z) | (h % Hp >= H) | (w % Wp >= W)
         ids = region.masked_fill(pad, -1)                  # (Zp, Hp, Wp)
         return window_partition(ids[None, ..., None], self.window)[0, ..., 0]
@@ -214,11 +220,12 @@ class EarthSpecificLayer(nn.Module):
     """A stage: `depth` blocks alternating plain and shifted windows. (B, Z, H, W, C) in and out."""
 
     def __init__(self, depth: int, dim: int, heads: int, grid: tuple[int, int, int],
-                 window: tuple[int, int, int], mlp_ratio: float, drop_paths: list[float]) -> None:
+                 window: tuple[int, int, int], mlp_ratio: float, drop_paths: list[float],
+                 wrap_lon: bool = True) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
             EarthSpecificBlock(dim, heads, grid, window, shifted=i % 2 == 1, mlp_ratio=mlp_ratio,
-                               drop_path=drop_paths[i]) for i in range(depth))
+                               drop_path=drop_paths[i], wrap_lon=wrap_lon) for i in range(depth))
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.blocks:
@@ -232,16 +239,19 @@ class PatchEmbed(nn.Module):
     def __init__(self, c: PanguConfig) -> None:
         super().__init__()
         self.config = c
-        self.upper = nn.Conv3d(c.n_upper, c.embed_dim, kernel_size=c.patch, stride=c.patch)
+        # surface-only data (n_upper = 0, e.g. a 2 m temperature model) has a one-level token cube
+        self.upper = nn.Conv3d(c.n_upper, c.embed_dim, kernel_size=c.patch, stride=c.patch) if c.n_upper else None
         self.surface = nn.Conv2d(c.n_surface, c.embed_dim, kernel_size=c.patch[1:], stride=c.patch[1:])
 
     def forward(self, upper: Tensor, surface: Tensor) -> Tensor:
         c = self.config
         (Z, H, W), (pz, ph, pw) = c.token_grid, c.patch
         lat_lon_pad = (0, W * pw - c.n_lon, 0, H * ph - c.n_lat)       # pad at the end, with zeros
+        s = self.surface(F.pad(surface, lat_lon_pad))      # (B, C, H, W)
+        if self.upper is None:
+            return s[:, :, None].permute(0, 2, 3, 4, 1)    # (B, 1, H, W, C)
         upper = F.pad(upper, lat_lon_pad + (0, (Z - 1) * pz - c.n_levels))
         u = self.upper(upper)                              # (B, C, Z-1, H, W)
-        s = self.surface(F.pad(surface, lat_lon_pad))      # (B, C, H, W)
         x = torch.cat([s[:, :, None], u], dim=2)           # (B, C, Z, H, W)
         return x.permute(0, 2, 3, 4, 1)                    # (B, Z, H, W, C)
 
@@ -252,14 +262,16 @@ class PatchRecovery(nn.Module):
     def __init__(self, c: PanguConfig, dim: int) -> None:
         super().__init__()
         self.config = c
-        self.upper = nn.ConvTranspose3d(dim, c.n_upper, kernel_size=c.patch, stride=c.patch)
+        self.upper = nn.ConvTranspose3d(dim, c.n_upper, kernel_size=c.patch, stride=c.patch) if c.n_upper else None
         self.surface = nn.ConvTranspose2d(dim, c.n_surface, kernel_size=c.patch[1:], stride=c.patch[1:])
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         c = self.config
         x = x.permute(0, 4, 1, 2, 3)                       # (B, 2C, Z, H, W)
-        upper = self.upper(x[:, :, 1:])                    # (B, n_upper, (Z-1)*pz, H*ph, W*pw)
         surface = self.surface(x[:, :, 0])                 # (B, n_surface, H*ph, W*pw)
+        if self.upper is None:
+            return x.new_zeros(x.shape[0], 0, 0, c.n_lat, c.n_lon), surface[:, :, :c.n_lat, :c.n_lon]
+        upper = self.upper(x[:, :, 1:])                    # (B, n_upper, (Z-1)*pz, H*ph, W*pw)
         return upper[:, :, :c.n_levels, :c.n_lat, :c.n_lon], surface[:, :, :c.n_lat, :c.n_lon]
 
 
@@ -320,12 +332,12 @@ class Pangu(nn.Module):
         grid1, grid2 = c.token_grid, c.token_grid2
         dp = torch.linspace(0, c.drop_path, d1 + d2).tolist()   # deeper blocks drop more, as in Pangu
         self.patch_embed = PatchEmbed(c)
-        self.encoder1 = EarthSpecificLayer(d1, C, h1, grid1, c.window, c.mlp_ratio, dp[:d1])
+        self.encoder1 = EarthSpecificLayer(d1, C, h1, grid1, c.window, c.mlp_ratio, dp[:d1], c.wrap_lon)
         self.downsample = DownSample(C)
-        self.encoder2 = EarthSpecificLayer(d2, 2 * C, h2, grid2, c.window, c.mlp_ratio, dp[d1:])
-        self.decoder2 = EarthSpecificLayer(d2, 2 * C, h2, grid2, c.window, c.mlp_ratio, dp[d1:])
+        self.encoder2 = EarthSpecificLayer(d2, 2 * C, h2, grid2, c.window, c.mlp_ratio, dp[d1:], c.wrap_lon)
+        self.decoder2 = EarthSpecificLayer(d2, 2 * C, h2, grid2, c.window, c.mlp_ratio, dp[d1:], c.wrap_lon)
         self.upsample = UpSample(2 * C, C, grid1[1:])
-        self.decoder1 = EarthSpecificLayer(d1, C, h1, grid1, c.window, c.mlp_ratio, dp[:d1])
+        self.decoder1 = EarthSpecificLayer(d1, C, h1, grid1, c.window, c.mlp_ratio, dp[:d1], c.wrap_lon)
         # pre-norm blocks leave the residual stream un-normalised; normalise it once before the output
         self.norm = nn.LayerNorm(2 * C)
         self.patch_recovery = PatchRecovery(c, 2 * C)
@@ -454,4 +466,15 @@ register_method(MethodSpec(
     leads=(6,), primary_metric="rmse_z500_6h", higher_is_better=False,
     baselines=("student_labels",),
     claim=tuple(f"student_kd.rmse_{v}_6h < student_labels.rmse_{v}_6h" for v in _HEADLINE),
+))
+
+register_method(MethodSpec(
+    name="pangu_uk_t2m",
+    description="The pangu method on the real samples profile: the UK 2 m temperature month "
+                "(ERA5, 0.25° prepared at 0.5°), a surface-only regional Pangu-lite (no longitude wrap).",
+    kind="forecast", data_stage="era5_prepare", teacher="pangu_lite", student=None, loss={},
+    leads=(6, 24), primary_metric="rmse_t2m_24h", higher_is_better=False,
+    baselines=("persistence", "climatology"),
+    claim=tuple(f"teacher.rmse_t2m_{lead}h < {b}.rmse_t2m_{lead}h"
+                for lead in (6, 24) for b in ("persistence", "climatology")),
 ))

@@ -45,8 +45,10 @@ class Normalizer:
         self.upper_vars, self.surface_vars = upper_vars, surface_vars
         def arr(var, key, shape):
             return torch.tensor(np.asarray(stats[var][key], dtype=np.float32)).reshape(shape)
-        self.u_mean = torch.stack([arr(v, "mean", (-1, 1, 1)) for v in upper_vars]) if upper_vars else None
-        self.u_std = torch.stack([arr(v, "std", (-1, 1, 1)) for v in upper_vars]) if upper_vars else None
+        # surface-only data: an empty (0, 1, 1, 1) scale broadcasts against an empty upper tensor
+        empty = torch.zeros(0, 1, 1, 1)
+        self.u_mean = torch.stack([arr(v, "mean", (-1, 1, 1)) for v in upper_vars]) if upper_vars else empty
+        self.u_std = torch.stack([arr(v, "std", (-1, 1, 1)) for v in upper_vars]) if upper_vars else empty + 1
         self.s_mean = torch.stack([arr(v, "mean", (1, 1)) for v in surface_vars])  # (S, 1, 1)
         self.s_std = torch.stack([arr(v, "std", (1, 1)) for v in surface_vars])
 
@@ -58,9 +60,12 @@ class Normalizer:
 
 
 def dataset_tensors(ds, upper_vars: list[str], surface_vars: list[str]) -> Pair:
-    """(T, V, L, H, W) and (T, S, H, W) float32 tensors in physical units."""
-    upper = np.stack([ds[v].transpose("time", "level", "latitude", "longitude").values for v in upper_vars], 1)
+    """(T, V, L, H, W) and (T, S, H, W) float32 tensors in physical units (V = L = 0 without upper air)."""
     surface = np.stack([ds[v].transpose("time", "latitude", "longitude").values for v in surface_vars], 1)
+    if upper_vars:
+        upper = np.stack([ds[v].transpose("time", "level", "latitude", "longitude").values for v in upper_vars], 1)
+    else:
+        upper = np.zeros((surface.shape[0], 0, 0, *surface.shape[2:]), dtype=np.float32)
     return torch.from_numpy(upper.astype(np.float32)), torch.from_numpy(surface.astype(np.float32))
 
 
@@ -221,6 +226,7 @@ class ForecastData:
     lat: np.ndarray
     levels: list[int]
     meta: dict[str, Any]
+    global_lon: bool = True   # the grid closes round the globe in longitude
 
     @property
     def headline(self) -> list[tuple]:
@@ -230,27 +236,46 @@ class ForecastData:
         return self.train.upper[:1], self.train.surface[:1]
 
 
+def longitude_layout(lon: np.ndarray) -> tuple[bool, int]:
+    """(whether the grid spans the globe, the roll that makes a regional grid contiguous).
+
+    Prepared data keeps longitudes ascending in [0, 360), so a box across 0° E (the UK samples) is
+    stored as 0.125..1.625 then 350.125..359.625: neighbours in the array are not neighbours on Earth
+    unless the columns are rolled to start after the gap.
+    """
+    gaps = np.diff(lon)
+    spacing = float(gaps.min()) if len(gaps) else 360.0
+    if abs(len(lon) * spacing - 360.0) < 1e-6 * 360.0:
+        return True, 0
+    wrap_gap = lon[0] + 360.0 - lon[-1]   # from the last column round to the first
+    inner = int(np.argmax(gaps))
+    return False, (inner + 1 if gaps[inner] > wrap_gap else 0)
+
+
 def load_forecast_data(data_dir: str, validate: bool = False) -> ForecastData:
     from .era5_prepare import load_prepared, surface_vars, upper_vars
     d = load_prepared(data_dir, validate=validate)
+    global_lon, shift = longitude_layout(d["train"]["longitude"].values)
+    if shift:  # a regional box across 0° E: make its columns contiguous in space
+        d = {k: v.roll(longitude=-shift, roll_coords=True) if k in ("train", "val", "test", "climatology") else v
+             for k, v in d.items()}
     up, sf = upper_vars(d["train"]), surface_vars(d["train"])
     norm = Normalizer(d["stats"], up, sf)
     step = int(d["meta"]["step_hours"])
     clim = d["climatology"]
-    cu = np.stack([clim[v].transpose("hour", "level", "latitude", "longitude").values for v in up], 1)
-    cs = np.stack([clim[v].transpose("hour", "latitude", "longitude").values for v in sf], 1)
+    cu, cs = dataset_tensors(clim.rename(hour="time"), up, sf)  # (24, V, L, H, W), (24, S, H, W)
     return ForecastData(train=to_fields(d["train"], norm, step), val=to_fields(d["val"], norm, step),
                         test=to_fields(d["test"], norm, step), norm=norm,
-                        clim_phys=(torch.from_numpy(cu.astype(np.float32)), torch.from_numpy(cs.astype(np.float32))),
-                        lat=d["train"]["latitude"].values, levels=[int(x) for x in d["train"]["level"].values],
-                        meta=d["meta"])
+                        clim_phys=(cu, cs), lat=d["train"]["latitude"].values,
+                        levels=[int(x) for x in d["train"]["level"].values] if up else [],
+                        meta=d["meta"], global_lon=global_lon)
 
 
 def model_kwargs(data: ForecastData, params: dict[str, Any], role: str) -> dict[str, Any]:
     """Shapes from the data, sizes from params (`methods.<m>.<teacher|student>.model`)."""
     u, s = data.train.upper, data.train.surface
-    return dict(n_upper=u.shape[1], n_levels=u.shape[2], n_surface=s.shape[1], n_lat=u.shape[3],
-                n_lon=u.shape[4], **params.get(role, {}).get("model", {}))
+    return dict(n_upper=u.shape[1], n_levels=u.shape[2], n_surface=s.shape[1], n_lat=s.shape[2],
+                n_lon=s.shape[3], wrap_lon=data.global_lon, **params.get(role, {}).get("model", {}))
 
 
 def train_lead_model(spec: MethodSpec, role: str, lead: int, data_dir: str, params: dict[str, Any],

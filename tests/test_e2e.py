@@ -188,6 +188,8 @@ def test_forecast_methods_report_claims_runs_plots_and_a_loadable_champion(pipel
     expected_roles = {"pangu": {"teacher", "persistence", "climatology"},
                       "pangu_hta": {"teacher", "iterated_1h"},
                       "pangu_student": {"teacher", "student_kd", "student_labels"}}
+    if (REPO.parent / "shared").is_dir():  # the real-samples method (surface only, regional grid)
+        expected_roles["pangu_uk_t2m"] = {"teacher", "persistence", "climatology"}
     for method, roles in expected_roles.items():
         rep = json.loads((root / "metrics" / f"{method}.json").read_text())
         assert set(rep["roles"]) == roles

@@ -93,3 +93,14 @@ def test_too_short_split_is_an_error():
     f = fields(T=5)
     with pytest.raises(ValueError, match="too few"):
         fit_forecaster(tiny(), f, f, 6, TrainConfig(1, 4, 0.01), seed=0, criterion=DistillationLoss(TARGETS_ONLY))
+
+
+def test_longitude_layout_finds_global_grids_and_rolls_boxes_across_greenwich():
+    from tasks.forecast import longitude_layout
+    assert longitude_layout(np.arange(5.625, 360, 11.25)) == (True, 0)
+    uk = np.sort(np.concatenate([np.arange(0.125, 2, 0.5), np.arange(350.125, 360, 0.5)]))
+    is_global, shift = longitude_layout(uk)
+    assert not is_global and shift == 4
+    rolled = np.roll(uk, -shift)
+    assert np.all(np.diff((rolled - 180) % 360) > 0)  # contiguous once rolled: 350.125 ... 359.625, 0.125 ... 1.625
+    assert longitude_layout(np.arange(10, 20, 0.5)) == (False, 0)

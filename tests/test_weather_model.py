@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import models
 import models.weather as weather
 from models.registry import create_model
 from models.weather import EarthSpecificBlock, HierarchicalForecaster, PanguConfig
@@ -242,3 +243,25 @@ def test_forward_applies_plan_in_order():
     out_upper, out_surface = f(upper, surface, lead=31)
     assert calls == [24, 6, 1]
     assert torch.all(out_upper == 31) and torch.all(out_surface == 31)
+
+
+def test_regional_grid_masks_the_longitude_wrap_of_shifted_windows():
+    from models.weather import EarthSpecificBlock
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 4, 16, 8)
+    bumped = x.clone()
+    bumped[0, 0, :, 0] += torch.randn(8)   # the westmost column (a constant shift would vanish in LayerNorm)
+    for wrap, east_changes in ((True, True), (False, False)):
+        block = EarthSpecificBlock(8, 2, (1, 4, 16), (1, 2, 8), shifted=True, wrap_lon=wrap).eval()
+        with torch.no_grad():
+            delta = (block(bumped) - block(x))[0, 0, :, -1].abs().max()   # the eastmost column
+        assert bool(delta > 1e-6) is east_changes
+
+
+def test_surface_only_pangu_has_a_one_level_token_cube():
+    m = models.create_model("pangu_lite", n_upper=0, n_levels=0, n_surface=1, n_lat=15, n_lon=22,
+                            wrap_lon=False)
+    assert m.config.token_grid[0] == 1
+    u, s = m(torch.zeros(2, 0, 0, 15, 22), torch.randn(2, 1, 15, 22))
+    assert u.shape == (2, 0, 0, 15, 22) and s.shape == (2, 1, 15, 22)
+    s.abs().mean().backward()
