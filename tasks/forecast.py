@@ -6,8 +6,10 @@ RMSE and ACC (`tasks.weather_metrics`) in physical units, per variable/level and
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -19,7 +21,7 @@ from models.distill import DistillationLoss, ForwardHookManager
 from models.registry import MethodSpec
 
 from . import tracking
-from .train import TrainConfig, TrainedModel, resolve_device, run_epochs
+from .train import TrainConfig, TrainedModel, frozen_teacher_outputs, resolve_device, run_epochs
 from .weather_metrics import weighted_acc, weighted_rmse
 
 log = logging.getLogger(__name__)
@@ -111,14 +113,8 @@ def fit_forecaster(model: nn.Module, train: Fields, val: Fields, lead_hours: int
 
     teacher_out = None
     if criterion.needs_teacher:
-        if teacher is None:
-            raise ValueError("this loss needs a teacher")
-        teacher.to(device).eval()
-        t_hooks = ForwardHookManager.on(teacher, taps.get("teacher", ()))
-        with torch.no_grad():
-            chunks = [forecast_outputs(teacher, xu[i:i + 64], xs[i:i + 64], t_hooks) for i in range(0, n, 64)]
-        t_hooks.clear()
-        teacher_out = {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
+        teacher_out = frozen_teacher_outputs(teacher, taps.get("teacher", ()), device, n,
+                                             lambda sl, hooks: forecast_outputs(teacher, xu[sl], xs[sl], hooks))
     s_hooks = ForwardHookManager.on(model, taps.get("student", ()))
 
     def batch(idx: torch.Tensor):
@@ -253,8 +249,21 @@ def longitude_layout(lon: np.ndarray) -> tuple[bool, int]:
 
 
 def load_forecast_data(data_dir: str, validate: bool = False) -> ForecastData:
+    """The prepared splits as tensors. Every task of a flow reads the same store, so the result is
+    kept per process, keyed on the store's path and its meta.json (rewritten by every prepare);
+    validation always runs when asked for. Callers must not modify the tensors in place."""
+    meta = Path(data_dir) / "meta.json"
+    stamp = meta.stat().st_mtime_ns if meta.is_file() else None
+    if validate or stamp is None:
+        from .era5_prepare import load_prepared
+        load_prepared(data_dir, validate=validate)  # raises the clear StageError on bad input
+    return _load_forecast_data(str(Path(data_dir).resolve()), stamp)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_forecast_data(data_dir: str, stamp: int | None) -> ForecastData:
     from .era5_prepare import load_prepared, surface_vars, upper_vars
-    d = load_prepared(data_dir, validate=validate)
+    d = load_prepared(data_dir, validate=False)
     global_lon, shift = longitude_layout(d["train"]["longitude"].values)
     if shift:  # a regional box across 0° E: make its columns contiguous in space
         d = {k: v.roll(longitude=-shift, roll_coords=True) if k in ("train", "val", "test", "climatology") else v

@@ -74,13 +74,9 @@ def fit(model: nn.Module, train, val, cfg: TrainConfig, *, seed: int, criterion:
     x, y = train.x.to(device), train.y.to(device)
     teacher_out = None
     if criterion.needs_teacher:
-        if teacher is None:
-            raise ValueError("this loss needs a teacher")
-        teacher.to(device).eval()
-        t_hooks = ForwardHookManager.on(teacher, taps.get("teacher", ()))
-        with torch.no_grad():
-            teacher_out = forward_with_taps(teacher, x, t_hooks)
-        t_hooks.clear()
+        teacher_out = frozen_teacher_outputs(teacher, taps.get("teacher", ()), device, len(x),
+                                             lambda sl, hooks: forward_with_taps(teacher, x[sl], hooks),
+                                             chunk=len(x))
     s_hooks = ForwardHookManager.on(model, taps.get("student", ()))
 
     def batch(idx: torch.Tensor):
@@ -94,6 +90,22 @@ def fit(model: nn.Module, train, val, cfg: TrainConfig, *, seed: int, criterion:
                           on_epoch=on_epoch, hooks=s_hooks)
     finally:
         s_hooks.clear()
+
+
+def frozen_teacher_outputs(teacher: nn.Module | None, tap_paths: tuple[str, ...], device: torch.device, n: int,
+                           forward: Callable[[slice, ForwardHookManager], dict[str, torch.Tensor]],
+                           chunk: int = 64) -> dict[str, torch.Tensor]:
+    """A frozen teacher's outputs (and tapped features) for all `n` training inputs, computed once in
+    eval mode, `chunk` inputs at a time: the teacher never changes, so recomputing them per batch is
+    waste. `forward(slice, hooks)` runs the teacher on those inputs."""
+    if teacher is None:
+        raise ValueError("this loss needs a teacher")
+    teacher.to(device).eval()
+    hooks = ForwardHookManager.on(teacher, tap_paths)
+    with torch.no_grad():
+        chunks = [forward(slice(i, i + chunk), hooks) for i in range(0, n, chunk)]
+    hooks.clear()
+    return {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
 
 
 def run_epochs(model: nn.Module, criterion: DistillationLoss, n: int, batch: Callable[[torch.Tensor], tuple],
