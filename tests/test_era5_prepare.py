@@ -147,6 +147,31 @@ def test_coarsening_matches_a_numpy_loop_mean():
     np.testing.assert_allclose(final.longitude.values, 350.125 + 0.5 * np.arange(6))
 
 
+def test_block_mean_of_unequal_blocks_matches_a_loop_on_numpy_and_dask():
+    """3 x 2 blocks on an upper-air (time, level, lat, lon) field, trimmed; Dask gives the same numbers."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(5e4, 1e3, (3, 2, 7, 9)).astype(np.float32)
+    ds = xr.Dataset({"z": (("time", "level", "latitude", "longitude"), x)},
+                    {"latitude": 30.0 - np.arange(7), "longitude": 0.5 * np.arange(9), "level": [850, 500]})
+    ref = np.empty((3, 2, 2, 4))
+    for i in range(2):
+        for j in range(4):
+            ref[..., i, j] = x[..., 3 * i:3 * i + 3, 2 * j:2 * j + 2].astype(float).mean(axis=(-2, -1))
+    eager = ds.coarsen(latitude=3, longitude=2, boundary="trim").reduce(prep.block_mean)
+    lazy = ds.chunk({"time": 1}).coarsen(latitude=3, longitude=2, boundary="trim").reduce(prep.block_mean)
+    assert lazy.z.chunks is not None
+    np.testing.assert_allclose(eager.z.values, ref, rtol=1e-6)
+    np.testing.assert_array_equal(lazy.z.values, eager.z.values)
+
+
+def test_sort_by_sorts_only_what_is_unsorted():
+    ds = grid_ds([1.0, 0.0], [10.0, 0.0, 5.0], np.arange(6, dtype=np.float32).reshape(1, 2, 3))
+    assert prep.sort_by(ds, "latitude", ascending=False) is ds
+    out = prep.sort_by(ds, "longitude")
+    assert out.longitude.values.tolist() == [0, 5, 10]
+    np.testing.assert_array_equal(out.t2m.values[0], [[1, 2, 0], [4, 5, 3]])
+
+
 def test_coarsening_keeps_nan_for_validation():
     x = np.full((1, 4, 4), 280.0, np.float32)
     x[0, 0, 0] = np.nan
@@ -322,6 +347,33 @@ def test_load_prepared_revalidates_and_names_the_bad_split(default_prepared, tmp
 
 # ---------------------------------------------------------------------------------------------------
 # the real UK t2m sample
+
+def test_with_and_without_dask_the_stores_are_identical(tmp_path):
+    raw = tmp_path / "raw.zarr"
+    small_raw(raw, grid=11.25)
+    assert not prep.use_dask({}, 10**6) and prep.use_dask({"dask_above_mb": 0.5}, 10**6)
+    cfg = small_cfg(grid_deg=22.5)
+    outputs = {flag: prep.build(raw, dict(cfg, dask=flag))[0] for flag in (True, False)}
+    for name, ds in outputs[True].items():
+        xr.testing.assert_identical(ds, outputs[False][name])
+    with pytest.raises(StageError, match="era5_prepare.dask: expected auto, true or false"):
+        prep.build(raw, dict(cfg, dask="sometimes"))
+
+
+def test_splits_out_of_order_or_on_different_grids_fail_validation(default_prepared):
+    root, meta = default_prepared
+    d = prep.load_prepared(root / "prepared")
+    args = (meta["variables"], meta["levels"], meta["step_hours"])
+    sources = {name: f"{name}.zarr" for name in prep.SPLITS}
+    swapped = {"train": d["val"], "val": d["train"], "test": d["test"]}  # each split alone is valid
+    with pytest.raises(StageError, match="time_h") as e:
+        prep.validate_splits(swapped, *args, sources)
+    assert e.value.path == "train.zarr"
+    shifted = dict(d, test=d["test"].assign_coords(longitude=d["test"].longitude + 1.0))
+    with pytest.raises(StageError, match="test split: longitude differs from the train split") as e:
+        prep.validate_splits({k: shifted[k] for k in prep.SPLITS}, *args, sources)
+    assert e.value.path == "test.zarr"
+
 
 def test_samples_profile_on_the_uk_t2m_grib(tmp_path):
     grib = shared_file(UK_GRIB)
