@@ -190,6 +190,13 @@ class DistanceRelationKD(nn.Module):
 FORECAST_KEYS = ("upper", "surface")  # what a forecast model's outputs are called (models.weather)
 
 
+def mean_field_l1(pred: Outputs, truth: Outputs) -> torch.Tensor:
+    """Mean absolute error per forecast field, averaged over the fields the data have: surface-only
+    or upper-air-only data leave one of them empty, and the mean of an empty tensor is NaN."""
+    losses = [F.l1_loss(pred[k], truth[k]) for k in FORECAST_KEYS if truth[k].numel()]
+    return sum(losses) / len(losses)
+
+
 @register_loss("forecast_l1")
 class ForecastL1(nn.Module):
     """Mean absolute error of each forecast field against the truth, averaged over the fields
@@ -197,7 +204,7 @@ class ForecastL1(nn.Module):
     needs_teacher = False
 
     def forward(self, student: Outputs, teacher: Outputs | None, targets: Outputs) -> torch.Tensor:
-        return sum(F.l1_loss(student[k], targets[k]) for k in FORECAST_KEYS) / len(FORECAST_KEYS)
+        return mean_field_l1(student, targets)
 
 
 @register_loss("forecast_kd")
@@ -206,7 +213,7 @@ class ForecastOutputKD(nn.Module):
     needs_teacher = True
 
     def forward(self, student: Outputs, teacher: Outputs, targets: Outputs) -> torch.Tensor:
-        return sum(F.l1_loss(student[k], teacher[k].detach()) for k in FORECAST_KEYS) / len(FORECAST_KEYS)
+        return mean_field_l1(student, {k: teacher[k].detach() for k in FORECAST_KEYS})
 
 
 class DistillationLoss(nn.Module):

@@ -59,9 +59,11 @@ class PanguConfig:
 
     @property
     def token_grid(self) -> tuple[int, int, int]:
-        """Stage-1 token cube (Z, H, W): upper-air levels in patches plus one surface level."""
+        """Stage-1 token cube (Z, H, W): upper-air levels in patches plus one surface level (either
+        part may be absent: a 2 m temperature model, or upper air only like the EDA sample)."""
         pz, ph, pw = self.patch
-        return (math.ceil(self.n_levels / pz) + 1, math.ceil(self.n_lat / ph), math.ceil(self.n_lon / pw))
+        levels = math.ceil(self.n_levels / pz) if self.n_upper else 0
+        return (levels + (1 if self.n_surface else 0), math.ceil(self.n_lat / ph), math.ceil(self.n_lon / pw))
 
     @property
     def token_grid2(self) -> tuple[int, int, int]:
@@ -239,21 +241,23 @@ class PatchEmbed(nn.Module):
     def __init__(self, c: PanguConfig) -> None:
         super().__init__()
         self.config = c
-        # surface-only data (n_upper = 0, e.g. a 2 m temperature model) has a one-level token cube
+        # surface-only data (n_upper = 0, e.g. a 2 m temperature model) has a one-level token cube;
+        # upper-air-only data (n_surface = 0) has no surface level
         self.upper = nn.Conv3d(c.n_upper, c.embed_dim, kernel_size=c.patch, stride=c.patch) if c.n_upper else None
-        self.surface = nn.Conv2d(c.n_surface, c.embed_dim, kernel_size=c.patch[1:], stride=c.patch[1:])
+        self.surface = (nn.Conv2d(c.n_surface, c.embed_dim, kernel_size=c.patch[1:], stride=c.patch[1:])
+                        if c.n_surface else None)
 
     def forward(self, upper: Tensor, surface: Tensor) -> Tensor:
         c = self.config
         (Z, H, W), (pz, ph, pw) = c.token_grid, c.patch
         lat_lon_pad = (0, W * pw - c.n_lon, 0, H * ph - c.n_lat)       # pad at the end, with zeros
-        s = self.surface(F.pad(surface, lat_lon_pad))      # (B, C, H, W)
-        if self.upper is None:
-            return s[:, :, None].permute(0, 2, 3, 4, 1)    # (B, 1, H, W, C)
-        upper = F.pad(upper, lat_lon_pad + (0, (Z - 1) * pz - c.n_levels))
-        u = self.upper(upper)                              # (B, C, Z-1, H, W)
-        x = torch.cat([s[:, :, None], u], dim=2)           # (B, C, Z, H, W)
-        return x.permute(0, 2, 3, 4, 1)                    # (B, Z, H, W, C)
+        levels = []
+        if self.surface is not None:
+            levels.append(self.surface(F.pad(surface, lat_lon_pad))[:, :, None])      # (B, C, 1, H, W)
+        if self.upper is not None:
+            n_upper_levels = Z - len(levels)
+            levels.append(self.upper(F.pad(upper, lat_lon_pad + (0, n_upper_levels * pz - c.n_levels))))
+        return torch.cat(levels, dim=2).permute(0, 2, 3, 4, 1)                        # (B, Z, H, W, C)
 
 
 class PatchRecovery(nn.Module):
@@ -263,16 +267,21 @@ class PatchRecovery(nn.Module):
         super().__init__()
         self.config = c
         self.upper = nn.ConvTranspose3d(dim, c.n_upper, kernel_size=c.patch, stride=c.patch) if c.n_upper else None
-        self.surface = nn.ConvTranspose2d(dim, c.n_surface, kernel_size=c.patch[1:], stride=c.patch[1:])
+        self.surface = (nn.ConvTranspose2d(dim, c.n_surface, kernel_size=c.patch[1:], stride=c.patch[1:])
+                        if c.n_surface else None)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         c = self.config
         x = x.permute(0, 4, 1, 2, 3)                       # (B, 2C, Z, H, W)
-        surface = self.surface(x[:, :, 0])                 # (B, n_surface, H*ph, W*pw)
+        B = x.shape[0]
+        if self.surface is None:
+            surface, first_upper = x.new_zeros(B, 0, c.n_lat, c.n_lon), 0
+        else:
+            surface, first_upper = self.surface(x[:, :, 0])[:, :, :c.n_lat, :c.n_lon], 1   # (B, n_surface, H, W)
         if self.upper is None:
-            return x.new_zeros(x.shape[0], 0, 0, c.n_lat, c.n_lon), surface[:, :, :c.n_lat, :c.n_lon]
-        upper = self.upper(x[:, :, 1:])                    # (B, n_upper, (Z-1)*pz, H*ph, W*pw)
-        return upper[:, :, :c.n_levels, :c.n_lat, :c.n_lon], surface[:, :, :c.n_lat, :c.n_lon]
+            return x.new_zeros(B, 0, 0, c.n_lat, c.n_lon), surface
+        upper = self.upper(x[:, :, first_upper:])          # (B, n_upper, levels*pz, H*ph, W*pw)
+        return upper[:, :, :c.n_levels, :c.n_lat, :c.n_lon], surface
 
 
 class DownSample(nn.Module):
@@ -466,6 +475,19 @@ register_method(MethodSpec(
     leads=(6,), primary_metric="rmse_z500_6h", higher_is_better=False,
     baselines=("student_labels",),
     claim=tuple(f"student_kd.rmse_{v}_6h < student_labels.rmse_{v}_6h" for v in _HEADLINE),
+))
+
+register_method(MethodSpec(
+    name="pangu_eda_upper",
+    description="The pangu method on the real ERA5 ensemble-of-data-assimilations sample: z and t at "
+                "500/850 hPa, 10 members x 4 analyses 12 h apart (3°, prepared at 6°), an upper-air-only "
+                "Pangu-lite with one 12 h model; members are trajectories of their own, and the time "
+                "split shares its boundary steps (embargo 0) because 4 steps cannot spare a gap.",
+    kind="forecast", data_stage="era5_prepare", teacher="pangu_lite", student=None, loss={},
+    leads=(12,), primary_metric="rmse_z500_12h", higher_is_better=False,
+    baselines=("persistence", "climatology"),
+    claim=tuple(f"teacher.rmse_{v}_12h < {b}.rmse_{v}_12h"
+                for v in ("z500", "t850") for b in ("persistence", "climatology")),
 ))
 
 register_method(MethodSpec(

@@ -36,7 +36,7 @@ The params this module expects (`params.yaml`)::
         data_format: netcdf             # netcdf | grib
       files:
         paths: [../shared/data/era5/xarray-data/era5-2mt-2019-03-uk.grib]   # paths or globs
-        ensemble_member: 0              # member kept from files with a `number` dim, or "mean"
+        ensemble_member: 0              # member kept from files with a `number` dim, "mean" or "all"
 
 Only the sub-section of the chosen source is needed. The `files` source reads whole files: there the
 time range and levels are not applied (`era5_prepare` selects levels), and `variables` may be null
@@ -366,11 +366,17 @@ def _open_grib(path: Path) -> xr.Dataset:
 
 
 def _select_member(ds: xr.Dataset, member: int | str, path: Path) -> xr.Dataset:
-    """ERA5 ensemble files (the EDA) have a `number` dim: keep one member, or their mean."""
+    """ERA5 ensemble files (the EDA) have a `number` dim: keep one member, their mean, or all of them
+    (as a `member` dim: each member a trajectory of its own)."""
     if "number" not in ds.dims:
         return ds
     if member == "mean":
         return ds.mean("number", keep_attrs=True)
+    if member == "all":
+        return ds.rename(number="member")
+    if not str(member).lstrip("-").isdigit():
+        raise StageError("params.yaml", f"era5.files.ensemble_member: expected a member number, mean or all, "
+                                        f"got {member!r}")
     if int(member) not in ds["number"].values:
         raise StageError(path, f"has no ensemble member {member} (has {ds['number'].values.tolist()})")
     return ds.sel(number=int(member))

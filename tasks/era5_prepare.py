@@ -29,7 +29,7 @@ Steps, in order:
 6. Validate every split with Great Expectations (physical range per variable, no NaN/inf, latitude
    strictly decreasing, longitude strictly increasing in [0, 360), time strictly increasing with a
    regular step), then write into OUT_DIR atomically: train.zarr, val.zarr, test.zarr (float32; upper
-   variables (time, level, latitude, longitude), surface (time, latitude, longitude)),
+   variables ([member,] time, level, latitude, longitude), surface ([member,] time, latitude, longitude)),
    climatology.zarr (hour, [level,] latitude, longitude), stats.json, meta.json.
 
 The params this module expects (`params.yaml`)::
@@ -41,6 +41,8 @@ The params this module expects (`params.yaml`)::
       split: {val: 0.15, test: 0.15}   # fractions of the time steps, or explicit inclusive ranges:
                                        # {train: [2020-01-01, 2020-01-20T23], val: [...], test: [...]}
       max_lead_hours: 24               # the longest forecast lead trained or scored (default 24)
+      embargo_hours: null              # least time from the end of a split to the start of the next
+                                       # (default max_lead_hours + one step; see split_indices)
       dask: auto                       # auto: Dask only for selections over dask_above_mb (default 2048)
 
 `load_prepared(data_dir)` is what training code reads; it re-validates the splits with the same suites.
@@ -99,7 +101,10 @@ UNITS: dict[str, dict[str, tuple[float, float]]] = {
     "msl": _PASCAL, "sp": _PASCAL,
 }
 DIM_NAMES = {"isobaricInhPa": "level", "pressure_level": "level", "plev": "level",
-             "lat": "latitude", "lon": "longitude"}
+             "lat": "latitude", "lon": "longitude", "number": "member"}
+# an ensemble (e.g. ERA5's EDA) keeps its members as a leading `member` dim: each member is one
+# trajectory in time; statistics and climatology pool the members
+MEMBER = "member"
 
 
 def upper_vars(ds: xr.Dataset) -> list[str]:
@@ -198,8 +203,8 @@ def select(ds: xr.Dataset, variables: list[str] | None, levels: list[float] | No
     ds = ds[[v for v in VARIABLES if v in variables]]
     for v in ds.data_vars:
         expected = DIMS_UPPER if VARIABLES[v].upper else DIMS_SURFACE
-        if set(ds[v].dims) != set(expected):
-            raise StageError(where, f"{v} has dims {ds[v].dims}, expected {expected}")
+        if set(ds[v].dims) - {MEMBER} != set(expected):
+            raise StageError(where, f"{v} has dims {ds[v].dims}, expected [{MEMBER},] {expected}")
     if "level" in ds.dims:
         if not levels:
             raise StageError("params.yaml", "era5_prepare.levels: upper-air variables need levels")
@@ -211,7 +216,7 @@ def select(ds: xr.Dataset, variables: list[str] | None, levels: list[float] | No
             ds = ds.sel(level=list(levels))
     elif "level" in ds.coords:
         ds = ds.drop_vars("level")
-    return ds.transpose(*[d for d in DIMS_UPPER if d in ds.dims])
+    return ds.transpose(*[d for d in (MEMBER, *DIMS_UPPER) if d in ds.dims])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -300,19 +305,28 @@ def step_hours_of(times: np.ndarray, where: str) -> int:
     return int(step)
 
 
-def split_indices(times: np.ndarray, split: dict[str, Any], max_lead_hours: float,
-                  step_hours: int) -> dict[str, np.ndarray]:
-    """Index arrays per split, chronological, with more than `max_lead_hours` between splits."""
+def split_indices(times: np.ndarray, split: dict[str, Any], max_lead_hours: float, step_hours: int,
+                  embargo_hours: float | None = None) -> dict[str, np.ndarray]:
+    """Index arrays per split, chronological, each starting at least `embargo_hours` after the previous
+    one ends. The default, max_lead_hours + one step, keeps every time of a split more than the longest
+    lead away from the other splits. The smallest allowed, 0, lets a split start on the step where the
+    previous one ends: that step is a target of the earlier split and an input of the later one, never
+    a target of both (for data too short to spare a gap, like the 4-step EDA sample)."""
+    embargo = max_lead_hours + step_hours if embargo_hours is None else float(embargo_hours)
+    if embargo < 0:
+        raise StageError("params.yaml", f"era5_prepare.embargo_hours must be >= 0, got {embargo:g}")
     if all(k in split for k in SPLITS):
         idx = _explicit_split(times, split)
     else:
         idx = _fraction_split(len(times), float(split.get("val", 0.15)), float(split.get("test", 0.15)),
-                              int(max_lead_hours // step_hours))
+                              max(math.ceil(embargo / step_hours) - 1, 0))
     for earlier, later in zip(SPLITS, SPLITS[1:]):
         gap = (times[idx[later][0]] - times[idx[earlier][-1]]) / np.timedelta64(1, "h")
-        if gap <= max_lead_hours:
+        if gap < embargo:
+            need = (f"more than max_lead_hours={max_lead_hours:g} h" if embargo_hours is None
+                    else f"at least embargo_hours={embargo:g} h")
             raise StageError("params.yaml", f"era5_prepare.split: {later} starts {gap:g} h after {earlier} "
-                                            f"ends; need more than max_lead_hours={max_lead_hours:g} h")
+                                            f"ends; need {need}")
     return idx
 
 
@@ -361,8 +375,12 @@ def compute_stats(train: xr.Dataset) -> dict[str, dict[str, Any]]:
 
 
 def compute_climatology(train: xr.Dataset) -> xr.Dataset:
-    """Mean per hour of day 0..23; hours the data lack are interpolated periodically."""
-    clim = train.astype(np.float64).groupby("time.hour").mean("time")
+    """Mean per hour of day 0..23 (and over ensemble members); hours the data lack are interpolated
+    periodically."""
+    train = train.astype(np.float64)
+    if MEMBER in train.dims:  # every member has the same times, so this weights all samples equally
+        train = train.mean(MEMBER)
+    clim = train.groupby("time.hour").mean("time")
     hours = clim["hour"].values
     if len(hours) < 24:
         # pad one period on each side so that interpolation wraps around midnight
@@ -405,7 +423,7 @@ def field_frame(ds: xr.Dataset, split: str) -> pd.DataFrame:
 def axes_frame(splits: list[xr.Dataset]) -> pd.DataFrame:
     """latitude, longitude (of the first split), time (hours since 1970, the splits one after another)
     and the step before each time within its split, side by side; the shorter columns are padded with
-    NaN at the end (GX skips nulls). Time strictly increasing across the splits means chronological."""
+    NaN at the end (GX skips nulls). Time increasing across the splits means chronological."""
     hours = [(ds["time"].values - np.datetime64("1970-01-01")) / np.timedelta64(1, "h") for ds in splits]
     cols = {"latitude": splits[0]["latitude"].values.astype(float),
             "longitude": splits[0]["longitude"].values.astype(float),
@@ -442,7 +460,9 @@ def axes_suite(step_hours: int):
             E.ExpectColumnValuesToBeBetween(column="latitude", min_value=-90, max_value=90),
             E.ExpectColumnValuesToBeIncreasing(column="longitude", strictly=True),
             E.ExpectColumnValuesToBeBetween(column="longitude", min_value=0, max_value=360, strict_max=True),
-            E.ExpectColumnValuesToBeIncreasing(column="time_h", strictly=True),
+            # non-strict: consecutive splits may share a boundary step (embargo_hours: 0); within a
+            # split, dt_h equal to the step already makes time strictly increasing
+            E.ExpectColumnValuesToBeIncreasing(column="time_h"),
             E.ExpectColumnValuesToBeBetween(column="dt_h", min_value=step_hours, max_value=step_hours),
         ]
     return build
@@ -526,7 +546,7 @@ def build(raw: str | Path, cfg: dict[str, Any]) -> tuple[dict[str, xr.Dataset], 
     times = ds["time"].values
     step = step_hours_of(times, where)
     max_lead = cfg.get("max_lead_hours", 24)
-    idx = split_indices(times, cfg.get("split") or {}, max_lead, step)
+    idx = split_indices(times, cfg.get("split") or {}, max_lead, step, cfg.get("embargo_hours"))
     splits = {name: ds.isel(time=i) for name, i in idx.items()}
     validate_splits(splits, variables, levels, step, {name: where for name in splits})
     lat, lon = ds["latitude"].values, ds["longitude"].values
@@ -539,6 +559,7 @@ def build(raw: str | Path, cfg: dict[str, Any]) -> tuple[dict[str, xr.Dataset], 
         "levels": levels,
         "step_hours": step,
         "max_lead_hours": max_lead,
+        "members": int(ds.sizes[MEMBER]) if MEMBER in ds.dims else None,
         "grid": {"grid_deg": cfg.get("grid_deg"), "regrid": regrid_how, "n_lat": len(lat), "n_lon": len(lon),
                  "latitude": [float(lat[0]), float(lat[-1])], "longitude": [float(lon[0]), float(lon[-1])]},
         "splits": {name: {"start": str(p["time"].values[0])[:19], "end": str(p["time"].values[-1])[:19],

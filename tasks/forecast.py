@@ -33,11 +33,25 @@ Pair = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class Fields:
-    """One split as normalised tensors, with what scoring needs to go back to physical units."""
-    upper: torch.Tensor        # (T, V, L, H, W)
-    surface: torch.Tensor      # (T, S, H, W)
-    hours: np.ndarray          # (T,) hour of day (UTC) of each step, to index the climatology
+    """One split as normalised tensors, with what scoring needs to go back to physical units.
+
+    Rows are states in time order; an ensemble's members are trajectories of their own, stored one
+    after another (member-major), so a forecast pair (row i, row i + k) must not cross from one
+    trajectory into the next: `inits(k)` lists the rows where it does not."""
+    upper: torch.Tensor        # (N, V, L, H, W)
+    surface: torch.Tensor      # (N, S, H, W)
+    hours: np.ndarray          # (N,) hour of day (UTC) of each state, to index the climatology
     step_hours: int
+    trajectory: np.ndarray | None = None  # (N,) which trajectory (ensemble member) each row is in
+
+    def inits(self, k: int) -> torch.Tensor:
+        """Rows whose state k steps later is in the same trajectory: the valid forecast inits."""
+        n = len(self.hours) - k
+        if n <= 0:
+            return torch.zeros(0, dtype=torch.long)
+        if self.trajectory is None:
+            return torch.arange(n)
+        return torch.from_numpy(np.flatnonzero(self.trajectory[:n] == self.trajectory[k:]))
 
 
 class Normalizer:
@@ -47,12 +61,13 @@ class Normalizer:
         self.upper_vars, self.surface_vars = upper_vars, surface_vars
         def arr(var, key, shape):
             return torch.tensor(np.asarray(stats[var][key], dtype=np.float32)).reshape(shape)
-        # surface-only data: an empty (0, 1, 1, 1) scale broadcasts against an empty upper tensor
-        empty = torch.zeros(0, 1, 1, 1)
-        self.u_mean = torch.stack([arr(v, "mean", (-1, 1, 1)) for v in upper_vars]) if upper_vars else empty
-        self.u_std = torch.stack([arr(v, "std", (-1, 1, 1)) for v in upper_vars]) if upper_vars else empty + 1
-        self.s_mean = torch.stack([arr(v, "mean", (1, 1)) for v in surface_vars])  # (S, 1, 1)
-        self.s_std = torch.stack([arr(v, "std", (1, 1)) for v in surface_vars])
+        # surface-only (upper-air-only) data: an empty (0, 1, 1, 1) ((0, 1, 1)) scale broadcasts
+        # against the empty tensor
+        empty_u, empty_s = torch.zeros(0, 1, 1, 1), torch.zeros(0, 1, 1)
+        self.u_mean = torch.stack([arr(v, "mean", (-1, 1, 1)) for v in upper_vars]) if upper_vars else empty_u
+        self.u_std = torch.stack([arr(v, "std", (-1, 1, 1)) for v in upper_vars]) if upper_vars else empty_u + 1
+        self.s_mean = torch.stack([arr(v, "mean", (1, 1)) for v in surface_vars]) if surface_vars else empty_s
+        self.s_std = torch.stack([arr(v, "std", (1, 1)) for v in surface_vars]) if surface_vars else empty_s + 1
 
     def norm(self, upper: torch.Tensor, surface: torch.Tensor) -> Pair:
         return (upper - self.u_mean) / self.u_std, (surface - self.s_mean) / self.s_std
@@ -61,20 +76,33 @@ class Normalizer:
         return upper * self.u_std + self.u_mean, surface * self.s_std + self.s_mean
 
 
+def _rows(ds, var: str, dims: tuple[str, ...]) -> np.ndarray:
+    """`var` as (rows, *dims): member-major when the data have ensemble members."""
+    lead = ("member", "time") if "member" in ds.dims else ("time",)
+    x = ds[var].transpose(*lead, *dims).values
+    return x.reshape(-1, *x.shape[len(lead):])
+
+
 def dataset_tensors(ds, upper_vars: list[str], surface_vars: list[str]) -> Pair:
-    """(T, V, L, H, W) and (T, S, H, W) float32 tensors in physical units (V = L = 0 without upper air)."""
-    surface = np.stack([ds[v].transpose("time", "latitude", "longitude").values for v in surface_vars], 1)
-    if upper_vars:
-        upper = np.stack([ds[v].transpose("time", "level", "latitude", "longitude").values for v in upper_vars], 1)
-    else:
-        upper = np.zeros((surface.shape[0], 0, 0, *surface.shape[2:]), dtype=np.float32)
-    return torch.from_numpy(upper.astype(np.float32)), torch.from_numpy(surface.astype(np.float32))
+    """(N, V, L, H, W) and (N, S, H, W) float32 tensors in physical units (V = L = 0 without upper air,
+    S = 0 without surface variables); N = members x times."""
+    grid = ("latitude", "longitude")
+    upper = [_rows(ds, v, ("level", *grid)) for v in upper_vars]
+    surface = [_rows(ds, v, grid) for v in surface_vars]
+    n, h, w = (upper or surface)[0].shape[0], ds.sizes["latitude"], ds.sizes["longitude"]
+    upper_t = np.stack(upper, 1) if upper else np.zeros((n, 0, 0, h, w), np.float32)
+    surface_t = np.stack(surface, 1) if surface else np.zeros((n, 0, h, w), np.float32)
+    return torch.from_numpy(upper_t.astype(np.float32)), torch.from_numpy(surface_t.astype(np.float32))
 
 
 def to_fields(ds, norm: Normalizer, step_hours: int) -> Fields:
     upper, surface = norm.norm(*dataset_tensors(ds, norm.upper_vars, norm.surface_vars))
     hours = ds["time"].dt.hour.values.astype(np.int64)
-    return Fields(upper, surface, hours, step_hours)
+    if "member" not in ds.dims:
+        return Fields(upper, surface, hours, step_hours)
+    members = ds.sizes["member"]
+    return Fields(upper, surface, np.tile(hours, members), step_hours,
+                  trajectory=np.repeat(np.arange(members), len(hours)))
 
 
 def lead_steps(lead_hours: int, step_hours: int) -> int:
@@ -105,21 +133,24 @@ def fit_forecaster(model: nn.Module, train: Fields, val: Fields, lead_hours: int
     """
     taps = taps or {}
     k = lead_steps(lead_hours, train.step_hours)
-    n = len(train.upper) - k
-    if n <= 0:
-        raise ValueError(f"training split has {len(train.upper)} steps, too few for a {lead_hours} h lead")
+    inits = train.inits(k).to(device)
+    n = len(inits)
+    if n == 0:
+        raise ValueError(f"training split has {len(train.upper)} states, too few for a {lead_hours} h lead")
     model.to(device)
     xu, xs = train.upper.to(device), train.surface.to(device)
 
     teacher_out = None
     if criterion.needs_teacher:
-        teacher_out = frozen_teacher_outputs(teacher, taps.get("teacher", ()), device, n,
-                                             lambda sl, hooks: forecast_outputs(teacher, xu[sl], xs[sl], hooks))
+        teacher_out = frozen_teacher_outputs(
+            teacher, taps.get("teacher", ()), device, n,
+            lambda sl, hooks: forecast_outputs(teacher, xu[inits[sl]], xs[inits[sl]], hooks))
     s_hooks = ForwardHookManager.on(model, taps.get("student", ()))
 
-    def batch(idx: torch.Tensor):
+    def batch(pos: torch.Tensor):  # positions in `inits`
+        idx = inits[pos]
         target = {"upper": xu[idx + k], "surface": xs[idx + k]}
-        t_out = None if teacher_out is None else {key: v[idx] for key, v in teacher_out.items()}
+        t_out = None if teacher_out is None else {key: v[pos] for key, v in teacher_out.items()}
         return forecast_outputs(model, xu[idx], xs[idx], s_hooks), t_out, target
 
     def validate() -> dict[str, float]:
@@ -138,11 +169,12 @@ def validation_mae(model: nn.Module, val: Fields, lead_hours: int, device: torch
     model.eval()
     k = lead_steps(lead_hours, val.step_hours)
     total, count = 0.0, 0
-    for i in range(0, len(val.upper) - k, 64):
-        j = min(i + 64, len(val.upper) - k)
-        pu, ps = model(val.upper[i:j].to(device), val.surface[i:j].to(device))
-        total += float((pu.cpu() - val.upper[i + k:j + k]).abs().mean() + (ps.cpu() - val.surface[i + k:j + k]).abs().mean()) / 2 * (j - i)
-        count += j - i
+    for idx in val.inits(k).split(64):
+        pu, ps = model(val.upper[idx].to(device), val.surface[idx].to(device))
+        errors = [(p.cpu() - x[idx + k]).abs().mean() for p, x in ((pu, val.upper), (ps, val.surface))
+                  if x.numel()]  # upper-air-only or surface-only data have one part
+        total += float(sum(errors)) / len(errors) * len(idx)
+        count += len(idx)
     return total / max(count, 1)
 
 
@@ -193,7 +225,7 @@ def score(predict: Predictor, fields: Fields, norm: Normalizer, clim_phys: Pair,
     metrics: dict[str, float] = {}
     for lead in leads:
         k = lead_steps(lead, fields.step_hours)
-        idx = torch.arange(0, len(fields.upper) - k, init_stride)
+        idx = fields.inits(k)[::init_stride]
         if len(idx) == 0:
             continue
         fu, fs = norm.denorm(*predict(idx, lead))
@@ -388,10 +420,10 @@ def log_forecast_plots(evaluations: list[dict[str, Any]], data_dir: str, teacher
 
     lead = max(leads)
     k = lead_steps(lead, data.test.step_hours)
-    if len(data.test.upper) <= k:
+    idx = data.test.inits(k)[:1]
+    if len(idx) == 0:
         return
     predict = model_predictor(tracking.load_model(teacher.model_uri, ctx), data.test, torch.device("cpu"))
-    idx = torch.tensor([0])
     fu, fs = data.norm.denorm(*predict(idx, lead))
     tu, ts = data.norm.denorm(data.test.upper[idx + k], data.test.surface[idx + k])
     for name, kind, ch, lvl in data.headline:

@@ -142,3 +142,21 @@ def test_hint_adapts_channels_last_token_cubes():
     loss = create_loss("hint", student_key="f", teacher_key="f")
     loss({"f": torch.randn(2, 3, 4, 5, 16)}, {"f": torch.randn(2, 3, 4, 5, 32)}, None)
     assert isinstance(loss.adapter, nn.Linear) and loss.adapter.weight.shape == (32, 16)
+
+
+@pytest.mark.parametrize("empty", ["upper", "surface"])
+def test_forecast_losses_skip_an_empty_field(empty):
+    """Surface-only (UK t2m) and upper-air-only (EDA z/t) data: the loss is the other field's MAE,
+    not NaN (the mean of an empty tensor)."""
+    torch.manual_seed(6)
+    shapes = {"upper": (2, 3, 2, 4, 5), "surface": (2, 2, 4, 5)}
+    shapes[empty] = (2, 0, 4, 5) if empty == "surface" else (2, 0, 0, 4, 5)
+    s = {k: torch.randn(shape, requires_grad=True) for k, shape in shapes.items()}
+    t = {k: torch.randn(shape) for k, shape in shapes.items()}
+    full = "surface" if empty == "upper" else "upper"
+    expected = float((s[full] - t[full]).abs().mean())
+    loss = create_loss("forecast_l1")(s, None, t)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(s[full].grad).all()
+    assert float(create_loss("forecast_kd")(s, t, None)) == pytest.approx(expected, rel=1e-6)

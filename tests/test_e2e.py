@@ -1,5 +1,6 @@
 """The whole default pipeline through `dvc repro`, in a temporary copy of the repository."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -190,6 +191,7 @@ def test_forecast_methods_report_claims_runs_plots_and_a_loadable_champion(pipel
                       "pangu_student": {"teacher", "student_kd", "student_labels"}}
     if (REPO.parent / "shared").is_dir():  # the real-samples method (surface only, regional grid)
         expected_roles["pangu_uk_t2m"] = {"teacher", "persistence", "climatology"}
+        expected_roles["pangu_eda_upper"] = {"teacher", "persistence", "climatology"}
     for method, roles in expected_roles.items():
         rep = json.loads((root / "metrics" / f"{method}.json").read_text())
         assert set(rep["roles"]) == roles
@@ -202,6 +204,12 @@ def test_forecast_methods_report_claims_runs_plots_and_a_loadable_champion(pipel
         artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
         assert "rmse_vs_lead.png" in artifacts and "maps" in artifacts
     assert len(json.loads((root / "metrics" / "pangu.json").read_text())["claim"]["parts"]) == 12
+    # surface-only and upper-air-only data train on the one field they have: finite losses, not NaN
+    for method in set(expected_roles) & {"pangu_uk_t2m", "pangu_eda_upper"}:
+        exp = client.get_experiment_by_name(method)
+        teacher_runs = client.search_runs([exp.experiment_id], "tags.`distillery.role` = 'teacher'")
+        lead_runs = [r for r in teacher_runs if "val_loss" in r.data.metrics]
+        assert lead_runs and all(math.isfinite(r.data.metrics[k]) for r in lead_runs for k in ("train_loss", "val_loss"))
 
     student_runs = client.search_runs([client.get_experiment_by_name("pangu_student").experiment_id],
                                       "tags.`distillery.role` = 'student_kd'")

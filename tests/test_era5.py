@@ -391,6 +391,17 @@ def test_files_selects_an_ensemble_member_or_the_mean(member):
     assert ds.z.dims == ("time", "isobaricInhPa", "latitude", "longitude")
 
 
+def test_files_keeps_all_members_as_a_member_dim_or_rejects_a_bad_choice():
+    grib = shared_file(MEMBERS_GRIB)
+    ds = era5.open_files(files_cfg(grib, files={"paths": [str(grib)], "ensemble_member": "all"}))
+    assert ds.z.dims == ("member", "time", "isobaricInhPa", "latitude", "longitude")
+    np.testing.assert_array_equal(ds.z.values, open_grib(grib).z.values)
+    with pytest.raises(StageError, match="ensemble_member: expected a member number, mean or all, got 'some'"):
+        era5.open_files(files_cfg(grib, files={"paths": [str(grib)], "ensemble_member": "some"}))
+    with pytest.raises(StageError, match="has no ensemble member 12"):
+        era5.open_files(files_cfg(grib, files={"paths": [str(grib)], "ensemble_member": 12}))
+
+
 def test_files_merges_the_wam2layers_netcdf_files():
     shared_file("era5/wam2layers/ERA5_2020-01-01_pl_u.nc")
     pattern = SHARED / "era5" / "wam2layers" / "ERA5_2020-01-01_*.nc"

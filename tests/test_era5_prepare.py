@@ -231,6 +231,24 @@ def test_explicit_split_ranges_and_a_too_small_gap():
         prep.split_indices(times[:50], {"val": 0.2, "test": 0.2}, max_lead_hours=24, step_hours=1)
 
 
+def test_embargo_zero_lets_splits_share_one_boundary_step_and_no_more():
+    times = pd.date_range("2017-01-01", periods=4, freq="12h").values
+    shared = {"train": ["2017-01-01T00", "2017-01-01T12"], "val": ["2017-01-01T12", "2017-01-02T00"],
+              "test": ["2017-01-02T00", "2017-01-02T12"]}
+    with pytest.raises(StageError, match="val starts 0 h after train ends; need more than max_lead_hours=12"):
+        prep.split_indices(times, shared, max_lead_hours=12, step_hours=12)
+    idx = prep.split_indices(times, shared, max_lead_hours=12, step_hours=12, embargo_hours=0)
+    assert {k: v.tolist() for k, v in idx.items()} == {"train": [0, 1], "val": [1, 2], "test": [2, 3]}
+    # targets (every time after a split's first) are never in two splits, for any lead
+    targets = {k: set(v[1:].tolist()) for k, v in idx.items()}
+    assert not (targets["train"] & targets["val"] or targets["val"] & targets["test"])
+    overlap = {**shared, "val": ["2017-01-01T00", "2017-01-02T00"]}
+    with pytest.raises(StageError, match="val starts -12 h after train ends; need at least embargo_hours=0"):
+        prep.split_indices(times, overlap, max_lead_hours=12, step_hours=12, embargo_hours=0)
+    with pytest.raises(StageError, match="embargo_hours must be >= 0"):
+        prep.split_indices(times, shared, max_lead_hours=12, step_hours=12, embargo_hours=-1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # statistics and climatology
 
@@ -393,6 +411,42 @@ def test_samples_profile_on_the_uk_t2m_grib(tmp_path):
     got = train.t2m.sel(latitude=57.875, longitude=350.125).values
     np.testing.assert_allclose(got, block[:len(got)], rtol=1e-6)
     assert 260 < float(train.t2m.min()) and float(train.t2m.max()) < 295
+
+
+MEMBERS_GRIB = "era5/cfgrib/era5-levels-members.grib"
+
+
+def test_members_profile_on_the_eda_grib_keeps_members_and_pools_them(tmp_path):
+    """The real ERA5 EDA sample: 10 members x 4 times (12-hourly) of z, t at 850/500 hPa on a 3° grid."""
+    grib = shared_file(MEMBERS_GRIB)
+    cfg_era5 = {"source": "files", "variables": ["z", "t"], "files": {"paths": [str(grib)], "ensemble_member": "all"}}
+    era5.download(cfg_era5, tmp_path / "raw.zarr")
+    cfg = {"variables": ["z", "t"], "levels": [500, 850], "grid_deg": 6.0, "max_lead_hours": 12, "embargo_hours": 0,
+           "split": {"train": ["2017-01-01T00", "2017-01-01T12"], "val": ["2017-01-01T12", "2017-01-02T00"],
+                     "test": ["2017-01-02T00", "2017-01-02T12"]}}
+    meta = prep.prepare(tmp_path / "raw.zarr", tmp_path / "prepared", cfg)
+    assert meta["members"] == 10 and meta["step_hours"] == 12 and meta["levels"] == [500, 850]
+    assert (meta["grid"]["n_lat"], meta["grid"]["n_lon"]) == (30, 60)  # 61 x 120 in 2 x 2 blocks, trimmed
+    d = prep.load_prepared(tmp_path / "prepared")
+    assert d["train"].z.dims == ("member", "time", "level", "latitude", "longitude")
+    assert [d[s].sizes["time"] for s in prep.SPLITS] == [2, 2, 2]
+    # references straight from the GRIB, by loops: block means, then statistics pooled over members
+    src = xr.open_dataset(grib, engine="cfgrib", backend_kwargs={"indexpath": ""}).sel(isobaricInhPa=[500, 850])
+    z = src.z.values[:, :2].astype(float)                      # train: (member, time, level, 61, 120)
+    blocks = np.empty(z.shape[:3] + (30, 60))
+    for i in range(30):
+        for j in range(60):
+            blocks[..., i, j] = z[..., 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean(axis=(-2, -1))
+    np.testing.assert_allclose(d["train"].z.values, blocks, rtol=1e-6)
+    for lvl in range(2):
+        x = blocks[:, :, lvl]
+        assert d["stats"]["z"]["mean"][lvl] == pytest.approx(x.mean(), rel=1e-9)
+        assert d["stats"]["z"]["std"][lvl] == pytest.approx(x.std(), rel=1e-6)
+    # climatology: the member mean at 00 and 12 UTC of the training day, linear in between
+    clim = d["climatology"].z.values
+    np.testing.assert_allclose(clim[0], blocks[:, 0].mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(clim[12], blocks[:, 1].mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(clim[6], (clim[0] + clim[12]) / 2, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -95,6 +95,61 @@ def test_too_short_split_is_an_error():
         fit_forecaster(tiny(), f, f, 6, TrainConfig(1, 4, 0.01), seed=0, criterion=DistillationLoss(TARGETS_ONLY))
 
 
+def member_dataset(members=3, times=4, seed=0):
+    """An EDA-like upper-air-only dataset: (member, time, level, lat, lon), 12-hourly."""
+    import pandas as pd
+    import xarray as xr
+    rng = np.random.default_rng(seed)
+    dims = ("member", "time", "level", "latitude", "longitude")
+    shape = (members, times, 2, 8, 16)
+    return xr.Dataset({"z": (dims, rng.normal(5e4, 1e3, shape).astype(np.float32)),
+                       "t": (dims, rng.normal(260, 10, shape).astype(np.float32))},
+                      {"member": np.arange(members), "level": [500, 850], "latitude": LAT,
+                       "longitude": np.arange(16) * 22.5,
+                       "time": pd.date_range("2017-01-01", periods=times, freq="12h")})
+
+
+def test_members_are_trajectories_and_pairs_never_cross_them():
+    from tasks.forecast import to_fields
+    ds = member_dataset()
+    norm = Normalizer({"z": STATS["z"], "t": STATS["t"]}, ["z", "t"], [])
+    f = to_fields(ds, norm, step_hours=12)
+    assert f.upper.shape == (12, 2, 2, 8, 16) and f.surface.shape == (12, 0, 8, 16)
+    # member-major rows: row m * 4 + t is member m at time t
+    expected = (ds.z.values[2, 1] - np.array(STATS["z"]["mean"])[:, None, None]) / np.array(STATS["z"]["std"])[:, None, None]
+    np.testing.assert_allclose(f.upper[2 * 4 + 1, 0].numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert f.hours.tolist() == [0, 12, 0, 12] * 3
+    # brute force: (i, i + k) is a pair when both rows are the same member
+    for k in (1, 2, 3, 4):
+        brute = [i for i in range(12 - k) if i // 4 == (i + k) // 4]
+        assert f.inits(k).tolist() == brute
+    assert fields(T=10).inits(3).tolist() == list(range(7))  # one trajectory: every row with a target
+
+
+def test_score_over_members_matches_a_loop():
+    from tasks.forecast import to_fields
+    ds = member_dataset(members=4, times=3, seed=1)
+    norm = Normalizer({"z": STATS["z"], "t": STATS["t"]}, ["z", "t"], [])
+    f = to_fields(ds, norm, step_hours=12)
+    clim = (torch.zeros(24, 2, 2, 8, 16), torch.zeros(24, 0, 8, 16))
+    got = score(persistence_predictor(f), f, norm, clim, LAT, [12, 24], [("t850", "upper", 1, 1)])
+    for lead, k in ((12, 1), (24, 2)):
+        pairs = [(m, t) for m in range(4) for t in range(3 - k)]
+        fc = torch.tensor(np.stack([ds.t.values[m, t, 1] for m, t in pairs]), dtype=torch.float64)
+        truth = torch.tensor(np.stack([ds.t.values[m, t + k, 1] for m, t in pairs]), dtype=torch.float64)
+        assert got[f"rmse_t850_{lead}h"] == pytest.approx(weighted_rmse(fc, truth, LAT), rel=1e-5)
+
+
+def test_an_upper_air_only_model_trains_on_members():
+    from tasks.forecast import to_fields
+    f = to_fields(member_dataset(members=4, times=4), Normalizer({"z": STATS["z"], "t": STATS["t"]}, ["z", "t"], []),
+                  step_hours=12)
+    model = models.create_model("pangu_tiny", n_upper=2, n_levels=2, n_surface=0, n_lat=8, n_lon=16)
+    hist = fit_forecaster(model, f, f, 12, TrainConfig(epochs=2, batch_size=4, lr=0.003), seed=0,
+                          criterion=DistillationLoss(TARGETS_ONLY))
+    assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["val_loss"]) for h in hist)
+
+
 def test_longitude_layout_finds_global_grids_and_rolls_boxes_across_greenwich():
     from tasks.forecast import longitude_layout
     assert longitude_layout(np.arange(5.625, 360, 11.25)) == (True, 0)

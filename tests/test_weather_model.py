@@ -265,3 +265,13 @@ def test_surface_only_pangu_has_a_one_level_token_cube():
     u, s = m(torch.zeros(2, 0, 0, 15, 22), torch.randn(2, 1, 15, 22))
     assert u.shape == (2, 0, 0, 15, 22) and s.shape == (2, 1, 15, 22)
     s.abs().mean().backward()
+
+
+def test_upper_air_only_pangu_has_no_surface_level():
+    m = models.create_model("pangu_lite", n_upper=2, n_levels=2, n_surface=0, n_lat=30, n_lon=60)
+    assert m.config.token_grid == (2, 15, 30)  # two levels at patch depth 1, no surface level
+    assert m.patch_embed.surface is None and m.patch_recovery.surface is None
+    upper = torch.randn(2, 2, 2, 30, 60)
+    u, s = m(upper, torch.zeros(2, 0, 30, 60))
+    assert u.shape == upper.shape and s.shape == (2, 0, 30, 60)
+    u.abs().mean().backward()
