@@ -31,14 +31,21 @@ def forecast_flow(method: str, params_file: str = "params.yaml", report_path: st
     with parent_run(ctx, spec.name, tags={"method": spec.name, "role": "flow", "claim": " and ".join(
             c.statement for c in spec.claims)}) as parent_id:
         ctx = dataclasses.replace(ctx, parent_run_id=parent_id)
+        # a method whose claim is about the teacher trains one per seed (the claim compares means);
+        # a distillation method trains one teacher and one student per seed
         teacher_params = {k: mp[k] for k in ("teacher", "device") if k in mp}
-        members = {lead: t.train_lead_model(spec, "teacher", lead, data_dir, data_hash, teacher_params, seeds[0], ctx)
-                   for lead in spec.leads}
-        teacher = t.compose_forecaster(spec, "teacher", members, seeds[0], ctx)
+        forecasters, by_seed = [], {}
+        for s in (seeds if spec.student is None else seeds[:1]):
+            by_seed[s] = {lead: t.train_lead_model(spec, "teacher", lead, data_dir, data_hash, teacher_params, s, ctx)
+                          for lead in spec.leads}
+            forecasters.append(t.compose_forecaster(spec, "teacher", by_seed[s], s, ctx))
+            if "iterated_1h" in spec.baselines:
+                forecasters.append(t.compose_forecaster(spec, "iterated_1h", {1: by_seed[s][1]}, s, ctx))
+        # the registered teacher (and the one students learn from) is the best on validation
+        teachers = [f for f in forecasters if f.role == "teacher"]
+        teacher = (max if teachers[0].val_higher_is_better else min)(teachers, key=lambda f: f.val_score)
+        members = by_seed[teacher.seed]
         teacher_version = t.register_teacher(spec, teacher, ctx)
-        forecasters = [teacher]
-        if "iterated_1h" in spec.baselines:
-            forecasters.append(t.compose_forecaster(spec, "iterated_1h", {1: members[1]}, seeds[0], ctx))
 
         students = []
         if spec.student:

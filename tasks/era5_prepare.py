@@ -17,20 +17,24 @@ Steps, in order:
    longitude order, then longitudes are wrapped into [0, 360) and sorted ascending (a regional box that
    crosses 0° E therefore becomes two increasing runs, e.g. 0..2 then 350..359.75), latitudes descending.
 4. Split by time, chronologically, train → val → test, either by fractions of the time steps or by
-   explicit inclusive date ranges. Between consecutive splits the time difference is more than
-   `max_lead_hours` (the fraction split drops floor(max_lead_hours / step) steps in between; explicit
-   ranges that do not satisfy it are an error), so no forecast target of one split lies in another.
+   explicit inclusive date ranges. By default consecutive splits are more than `max_lead_hours` apart
+   (the fraction split drops floor(max_lead_hours / step) steps in between; explicit ranges that do
+   not satisfy it are an error), so no time of one split is within a lead of another. `embargo_hours`
+   sets a shorter least distance, down to 0 (a shared boundary step) for data too short to spare a
+   gap; no forecast target lies in two splits either way. Ensemble members (a `member` dim) are kept:
+   every member is split at the same times.
 5. Statistics and climatology from the training split only. Normalisation statistics: mean and
-   population std (ddof 0) per variable and level over (time, latitude, longitude), NOT latitude-weighted
-   (the normaliser only needs one consistent scale per channel; skill scores apply the latitude
-   weights). Climatology: mean per hour of day (UTC) of every variable/level/grid point; always 24 hours
-   0..23, and when the data are sub-daily (e.g. 6-hourly) the missing hours are filled by periodic linear
-   interpolation between the hours present.
-6. Validate every split with Great Expectations (physical range per variable, no NaN/inf, latitude
-   strictly decreasing, longitude strictly increasing in [0, 360), time strictly increasing with a
-   regular step), then write into OUT_DIR atomically: train.zarr, val.zarr, test.zarr (float32; upper
-   variables ([member,] time, level, latitude, longitude), surface ([member,] time, latitude, longitude)),
-   climatology.zarr (hour, [level,] latitude, longitude), stats.json, meta.json.
+   population std (ddof 0) per variable and level over ([member,] time, latitude, longitude), NOT
+   latitude-weighted (the normaliser only needs one consistent scale per channel; skill scores apply
+   the latitude weights). Climatology: mean per hour of day (UTC), over members too, of every
+   variable/level/grid point; always 24 hours 0..23, and when the data are sub-daily (e.g. 6-hourly)
+   the missing hours are filled by periodic linear interpolation between the hours present.
+6. Validate the splits with Great Expectations, all in one run per suite (physical range per variable,
+   no NaN/inf, latitude strictly decreasing, longitude strictly increasing in [0, 360), time strictly
+   increasing with a regular step within a split and not decreasing across splits), then write into
+   OUT_DIR atomically: train.zarr, val.zarr, test.zarr (float32; upper variables ([member,] time,
+   level, latitude, longitude), surface ([member,] time, latitude, longitude)), climatology.zarr
+   (hour, [level,] latitude, longitude), stats.json, meta.json.
 
 The params this module expects (`params.yaml`)::
 
