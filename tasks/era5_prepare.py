@@ -365,7 +365,8 @@ def _explicit_split(times: np.ndarray, split: dict[str, Any]) -> dict[str, np.nd
 # 4. statistics and climatology (training split only)
 
 def compute_stats(train: xr.Dataset) -> dict[str, dict[str, Any]]:
-    """{var: {"mean": [per level] | float, "std": ...}} over time, latitude, longitude (unweighted)."""
+    """{var: {"mean": [per level] | float, "std": ...}} over [member,] time, latitude, longitude
+    (unweighted)."""
     stats = {}
     for v in train.data_vars:
         x = train[v].values  # float32, accumulated in float64 without a float64 copy

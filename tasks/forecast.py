@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from models import create_model
-from models.distill import DistillationLoss, ForwardHookManager
+from models.distill import DistillationLoss, ForwardHookManager, mean_field_l1
 from models.registry import MethodSpec
 
 from . import tracking
@@ -171,9 +171,9 @@ def validation_mae(model: nn.Module, val: Fields, lead_hours: int, device: torch
     total, count = 0.0, 0
     for idx in val.inits(k).split(64):
         pu, ps = model(val.upper[idx].to(device), val.surface[idx].to(device))
-        errors = [(p.cpu() - x[idx + k]).abs().mean() for p, x in ((pu, val.upper), (ps, val.surface))
-                  if x.numel()]  # upper-air-only or surface-only data have one part
-        total += float(sum(errors)) / len(errors) * len(idx)
+        error = mean_field_l1({"upper": pu.cpu(), "surface": ps.cpu()},
+                              {"upper": val.upper[idx + k], "surface": val.surface[idx + k]})
+        total += float(error) * len(idx)
         count += len(idx)
     return total / max(count, 1)
 
