@@ -14,7 +14,7 @@ else
 TORCH_SOURCE := --extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match
 endif
 
-.PHONY: install run test bench lock clean
+.PHONY: install run run-full test bench lock clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ run: install
 
 test: install
 	pytest
+
+# The `full` profile on a GPU worker (needs network for ARCO ERA5 and a CUDA build of torch 2.13.0):
+# 0.25°, 13 levels, the paper's widths, bf16 autocast; `pangu` only, as a DVC experiment.
+FULL_OVERRIDES = -S 'era5_profiles=[full]' -S methods.pangu.data=data/era5/full/prepared \
+	-S methods.pangu.teacher.precision=bf16 -S methods.pangu.teacher.batch_size=2 \
+	-S methods.pangu.teacher.epochs=30 -S methods.pangu.teacher.lr=0.0005 \
+	-S '+methods.pangu.teacher.model={embed_dim: 192, depths: [2, 6], heads: [6, 12], window: [2, 6, 12], patch: [2, 4, 4]}'
+
+run-full: install
+	dvc exp run train@pangu $(FULL_OVERRIDES)
 
 bench: install
 	dvc repro digits era5_prepare

@@ -23,6 +23,7 @@ from .evaluate import classification_metrics
 
 log = logging.getLogger(__name__)
 LABELS_ONLY = {"ce": {"weight": 1.0}}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,22 @@ class TrainConfig:
     batch_size: int
     lr: float
     weight_decay: float = 0.0
+    # "bf16": training forward passes (model and loss) under torch.autocast in bfloat16, as the full
+    # profile on GPU workers trains; weights, gradients and the optimizer state stay float32
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> "TrainConfig":
         return cls(epochs=int(p["epochs"]), batch_size=int(p["batch_size"]), lr=float(p["lr"]),
-                   weight_decay=float(p.get("weight_decay", 0.0)))
+                   weight_decay=float(p.get("weight_decay", 0.0)), precision=str(p.get("precision", "fp32")))
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 @dataclass(frozen=True)
@@ -128,7 +140,8 @@ def run_epochs(model: nn.Module, criterion: DistillationLoss, n: int, batch: Cal
         model.train()
         t0, loss_sum, parts_sum = time.perf_counter(), 0.0, {}
         for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
-            loss, parts = criterion(*batch(idx.to(device)))
+            with cfg.autocast(device):
+                loss, parts = criterion(*batch(idx.to(device)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -159,3 +159,10 @@ def test_longitude_layout_finds_global_grids_and_rolls_boxes_across_greenwich():
     rolled = np.roll(uk, -shift)
     assert np.all(np.diff((rolled - 180) % 360) > 0)  # contiguous once rolled: 350.125 ... 359.625, 0.125 ... 1.625
     assert longitude_layout(np.arange(10, 20, 0.5)) == (False, 0)
+
+
+def test_pangu_trains_in_bf16_autocast():
+    f = fields(T=20)
+    hist = fit_forecaster(tiny(), f, f, 1, TrainConfig(epochs=2, batch_size=8, lr=0.003, precision="bf16"), seed=0,
+                          criterion=DistillationLoss(TARGETS_ONLY))
+    assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["val_loss"]) for h in hist)

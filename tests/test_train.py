@@ -60,3 +60,18 @@ def test_kd_without_teacher_is_an_error():
     with pytest.raises(ValueError, match="needs a teacher"):
         fit(models.create_model("digits_mlp_tiny"), toy_split(64, 0), toy_split(32, 1), CFG, seed=0,
             criterion=DistillationLoss({"kd": {}}))
+
+
+def test_bf16_trains_forward_passes_in_bfloat16_and_keeps_fp32_weights():
+    model = models.create_model("digits_mlp_tiny", hidden=32)
+    dtypes = []
+    layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    layer.register_forward_hook(lambda mod, inp, out: dtypes.append((out.dtype, torch.is_grad_enabled())))
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.01, precision="bf16")
+    hist = fit(model, toy_split(256, 0), toy_split(64, 1), cfg, seed=0, criterion=DistillationLoss({"ce": {}}))
+    assert {d for d, training in dtypes if training} == {torch.bfloat16}  # every training forward
+    assert {d for d, training in dtypes if not training} == {torch.float32}  # validation stays fp32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    with pytest.raises(ValueError, match=r"precision must be one of \['bf16', 'fp32'\], got 'fp8'"):
+        TrainConfig.from_params({"epochs": 1, "batch_size": 2, "lr": 0.1, "precision": "fp8"})
