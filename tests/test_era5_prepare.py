@@ -371,11 +371,11 @@ def test_with_and_without_dask_the_stores_are_identical(tmp_path):
     small_raw(raw, grid=11.25)
     assert not prep.use_dask({}, 10**6) and prep.use_dask({"dask_above_mb": 0.5}, 10**6)
     cfg = small_cfg(grid_deg=22.5)
-    outputs = {flag: prep.build(raw, dict(cfg, dask=flag))[0] for flag in (True, False)}
+    outputs = {flag: prep.assemble(raw, dict(cfg, dask=flag))[0] for flag in (True, False)}
     for name, ds in outputs[True].items():
         xr.testing.assert_identical(ds, outputs[False][name])
     with pytest.raises(StageError, match="era5_prepare.dask: expected auto, true or false"):
-        prep.build(raw, dict(cfg, dask="sometimes"))
+        prep.assemble(raw, dict(cfg, dask="sometimes"))
 
 
 def test_splits_out_of_order_or_on_different_grids_fail_validation(default_prepared):
@@ -491,6 +491,45 @@ def test_bad_input_is_an_error_naming_the_raw_store_and_writes_nothing(tmp_path,
         prep.prepare(raw, out, small_cfg(**cfg_over))
     assert e.value.path == str(raw)
     assert no_leftovers(out)
+
+
+def test_a_failed_store_write_publishes_nothing_and_keeps_the_previous_output(tmp_path, monkeypatch):
+    raw, out = tmp_path / "raw.zarr", tmp_path / "prepared"
+    small_raw(raw)
+    old_meta = prep.prepare(raw, out, small_cfg())
+    before = sorted(p.name for p in out.iterdir())
+    write = prep._to_zarr
+
+    def disk_full_on_val(ds, path):
+        if path.name == "val.zarr":
+            raise OSError(28, "No space left on device")
+        write(ds, path)
+
+    monkeypatch.setattr(prep, "_to_zarr", disk_full_on_val)
+    with pytest.raises(OSError, match="No space left"):
+        prep.prepare(raw, out, small_cfg(split={"val": 0.3, "test": 0.2}))
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert json.loads((out / "meta.json").read_text()) == old_meta  # not the 0.3 val split
+    assert not list(tmp_path.glob(".prepared*"))
+
+
+def test_stores_are_chunked_by_whole_fields_in_time_and_read_back_exactly(tmp_path, monkeypatch):
+    raw, out = tmp_path / "raw.zarr", tmp_path / "prepared"
+    small_raw(raw)
+    splits, _ = prep.assemble(raw, small_cfg())
+    field_bytes = 2 * 8 * 16 * 4  # z: 2 levels on the 8x16 grid, float32
+    monkeypatch.setattr(prep, "CHUNK_BYTES", 5 * field_bytes + 3)  # 5 time steps of z, 10 of t2m
+    prep.prepare(raw, out, small_cfg())
+    store = xr.open_zarr(out / "train.zarr", consolidated=False)
+    assert store["z"].encoding["chunks"] == (5, 2, 8, 16)
+    assert store["t2m"].encoding["chunks"] == (10, 8, 16)
+    assert [type(c).__name__ for c in store["z"].encoding["compressors"]] == ["BloscCodec"]
+    clim = xr.open_zarr(out / "climatology.zarr", consolidated=False)
+    assert clim["z"].encoding["chunks"] == (5, 2, 8, 16)  # hour plays the part of time
+    d = prep.load_prepared(out)
+    for name in prep.SPLITS:
+        np.testing.assert_array_equal(d[name]["z"].values, splits[name]["z"].values)
+        np.testing.assert_array_equal(d[name]["t2m"].values, splits[name]["t2m"].values)
 
 
 def test_unreadable_raw_store_is_an_error(tmp_path):
