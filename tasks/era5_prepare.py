@@ -607,10 +607,10 @@ def zarr_encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
 
     encoding = {}
     for v, da in ds.data_vars.items():
-        lead = "time" if "time" in da.dims else "hour"
-        per_step = da.dtype.itemsize * math.prod(n for d, n in da.sizes.items() if d != lead)
-        per_chunk = max(1, min(da.sizes[lead], CHUNK_BYTES // max(per_step, 1)))
-        encoding[v] = {"chunks": tuple(per_chunk if d == lead else n for d, n in da.sizes.items()),
+        along = "time" if "time" in da.dims else "hour"
+        per_step = da.dtype.itemsize * math.prod(n for d, n in da.sizes.items() if d != along)
+        per_chunk = max(1, min(da.sizes[along], CHUNK_BYTES // max(per_step, 1)))
+        encoding[v] = {"chunks": tuple(per_chunk if d == along else n for d, n in da.sizes.items()),
                        "compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]}
     return encoding
 
