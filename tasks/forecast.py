@@ -78,9 +78,9 @@ class Normalizer:
 
 def _rows(ds, var: str, dims: tuple[str, ...]) -> np.ndarray:
     """`var` as (rows, *dims): member-major when the data have ensemble members."""
-    lead = ("member", "time") if "member" in ds.dims else ("time",)
-    x = ds[var].transpose(*lead, *dims).values
-    return x.reshape(-1, *x.shape[len(lead):])
+    leading = ("member", "time") if "member" in ds.dims else ("time",)
+    x = ds[var].transpose(*leading, *dims).values
+    return x.reshape(-1, *x.shape[len(leading):])
 
 
 def dataset_tensors(ds, upper_vars: list[str], surface_vars: list[str]) -> Pair:
