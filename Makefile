@@ -14,21 +14,38 @@ else
 TORCH_SOURCE := --extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match
 endif
 
-.PHONY: install run run-full test bench lock clean
+.PHONY: install system-deps run run-full test serve serve-stop bench lock clean
 
-$(VENV)/.installed: pyproject.toml requirements.lock
+$(UV):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check uv==0.13.8
+
+$(VENV)/.installed: pyproject.toml requirements.lock | $(UV)
 	$(UV) pip install --python $(PY) --compile-bytecode $(TORCH_SOURCE) -c requirements.lock -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
 
+# PostgreSQL (Debian's package) for the real-server tests and `make serve`; skipped when present.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then \
+		echo "installing PostgreSQL (apt-get)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+	fi
+
 run: install
 	dvc repro
 
-test: install
+test: install system-deps
 	pytest
+
+# The shared setup on this machine (PostgreSQL, MLflow and Prefect servers, a worker): flows/serve.py.
+serve: install system-deps
+	python -m flows.serve
+
+serve-stop: install
+	python -m flows.serve stop
 
 # The `full` profile on a GPU worker (needs network for ARCO ERA5 and a CUDA build of torch 2.13.0):
 # 0.25°, 13 levels, the paper's widths, bf16 autocast; `pangu` only, as a DVC experiment.
@@ -47,8 +64,8 @@ bench: install
 	python benchmarks/pangu_step.py
 
 # Re-resolve the pinned tree after editing pyproject.toml.
-lock: install
+lock: | $(UV)
 	$(UV) pip compile pyproject.toml --extra dev $(TORCH_SOURCE) --python-version 3.11 -o requirements.lock
 
 clean:
-	rm -rf $(VENV) .prefect mlflow.db mlartifacts data metrics .dvc/cache .dvc/tmp
+	rm -rf $(VENV) .prefect .serve mlflow.db mlartifacts data metrics .dvc/cache .dvc/tmp

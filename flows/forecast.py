@@ -17,6 +17,8 @@ from tasks import wrappers as t
 from tasks.common import method_params, run_lineage
 from tasks.tracking import parent_run
 
+from .runtime import deployment_settings, in_deployment
+
 
 @flow(name="forecast-method", log_prints=True)
 def forecast_flow(method: str, params_file: str = "params.yaml", report_path: str | None = None) -> dict[str, Any]:
@@ -24,9 +26,11 @@ def forecast_flow(method: str, params_file: str = "params.yaml", report_path: st
     params, mp = method_params(method, params_file)
     data_dir, seeds, eval_leads = mp["data"], list(mp["seeds"]), list(mp["eval_leads"])
 
+    if in_deployment():  # a worker's fresh clone has dvc.lock but no data
+        t.pull_data(data_dir)
     data_hash = t.validate_forecast_inputs(data_dir)
     lineage = run_lineage(data_dir, data_hash)
-    ctx = t.open_experiment(spec.name, params.get("tracking", {}), lineage)
+    ctx = t.open_experiment(spec.name, deployment_settings(params), lineage)
 
     with parent_run(ctx, spec.name, tags={"method": spec.name, "role": "flow", "claim": " and ".join(
             c.statement for c in spec.claims)}) as parent_id:

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Any, Iterator
+
+from tasks.common import StageError
+
+# MLflow draws a progress bar for every artifact download, i.e. every model a flow loads back
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @contextlib.contextmanager
@@ -21,3 +26,22 @@ def local_run_settings() -> Iterator[None]:
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
+
+
+def in_deployment() -> bool:
+    """Whether this flow run was started from a deployment (by a worker), not from the command line."""
+    from prefect.runtime import deployment
+    return deployment.id is not None
+
+
+def deployment_settings(params: dict[str, Any]) -> dict[str, Any]:
+    """The tracking params for a run, checked for a deployment: its clone is deleted after the run,
+    so its store must be a tracking server named by MLFLOW_TRACKING_URI (see flows/worker.py)."""
+    tracking = dict(params.get("tracking") or {})
+    if not in_deployment():
+        return tracking
+    from flows.worker import preflight_problems
+    problems = [p for p in preflight_problems(dict(os.environ)) if p.startswith("MLFLOW_TRACKING_URI")]
+    if problems:
+        raise StageError("worker environment", "; ".join(problems))
+    return tracking

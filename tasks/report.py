@@ -22,7 +22,7 @@ def build_report(spec: MethodSpec, evaluations: list[dict[str, Any]], verdict: d
         "claim": verdict,
         # every metric's seed mean per role, e.g. scores["teacher"]["rmse_z500_24h"]
         "scores": {role: {k: sum(v) / len(v) for k, v in metrics.items()} for role, metrics in scores.items()},
-        "mlflow": {"tracking_uri": ctx.tracking_uri, "experiment_id": ctx.experiment_id,
+        "mlflow": {"tracking_uri": tracking.redact(ctx.tracking_uri), "experiment_id": ctx.experiment_id,
                    "parent_run_id": ctx.parent_run_id, "registry": registry,
                    "runs": {f"{e['role']}/seed{e['seed']}": e["run_id"] for e in evaluations}},
         **extra,
@@ -43,6 +43,8 @@ def log_report(report: dict[str, Any], ctx: tracking.RunContext) -> None:
     tracking.log_metrics(run_id, metrics, ctx)
     tracking.set_tags(run_id, {"claim": report["claim"]["statement"],
                                "claim_passed": str(report["claim"]["passed"]).lower()}, ctx)
+    # the whole report beside the run: a deployment's clone (and its metrics/ file) is temporary
+    tracking.log_dict(run_id, report, "report.json", ctx)
 
 
 def write_report(report: dict[str, Any], path: str) -> str:

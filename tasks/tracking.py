@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -61,14 +62,26 @@ def experiment_context(name: str, params: dict[str, Any], lineage: dict[str, str
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        root = params.get("artifact_root")
-        location = Path(root).resolve().joinpath(name).as_uri() if root and "://" not in root else None
-        if root and "://" in root:
-            location = f"{root.rstrip('/')}/{name}"
-        client.create_experiment(name, artifact_location=location)
+        client.create_experiment(name, artifact_location=artifact_location(uri, params.get("artifact_root"), name))
         exp = client.get_experiment_by_name(name)
     return RunContext(tracking_uri=uri, experiment_id=exp.experiment_id,
                       store_id=f"{uri}#{exp.experiment_id}@{exp.creation_time}", lineage=dict(lineage))
+
+
+def artifact_location(tracking_uri: str, root: str | None, name: str) -> str | None:
+    """Where a new experiment keeps its artifacts. A tracking server decides itself (it proxies them
+    to its own store, so a worker's temporary directory never holds them); a local store puts them
+    under params' artifact_root."""
+    if tracking_uri.startswith(("http://", "https://")) or not root:
+        return None
+    if "://" in root:
+        return f"{root.rstrip('/')}/{name}"
+    return Path(root).resolve().joinpath(name).as_uri()
+
+
+def redact(uri: str) -> str:
+    """`uri` without a password, for reports and logs (`http://user:secret@host` -> `http://user:***@host`)."""
+    return re.sub(r"(//[^/:@]+):[^/@]*@", r"\1:***@", uri)
 
 
 @contextlib.contextmanager
@@ -81,7 +94,9 @@ def parent_run(ctx: RunContext, name: str, tags: dict[str, Any] | None = None) -
     try:
         yield r.info.run_id
         status = RunStatus.FINISHED
-    except KeyboardInterrupt:
+    except Exception:
+        raise
+    except BaseException:  # KeyboardInterrupt, or Prefect's TerminationSignal when a worker stops
         status = RunStatus.KILLED
         raise
     finally:
@@ -158,6 +173,10 @@ def log_metrics(run_id: str, metrics: dict[str, float], ctx: RunContext, step: i
         run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
 
 
+def log_dict(run_id: str, obj: dict[str, Any], artifact_file: str, ctx: RunContext) -> None:
+    MlflowClient(ctx.tracking_uri).log_dict(run_id, obj, artifact_file)
+
+
 def log_learning_curve(history: list[dict[str, float]], title: str) -> None:
     """Per-epoch losses and validation metrics as `learning_curve.png` on the active run."""
     import matplotlib
@@ -209,7 +228,10 @@ def register_version(name: str, model_uri: str, run_id: str, ctx: RunContext,
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(name)
     existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
-    mv = existing[0] if existing else client.create_model_version(name, model_uri, run_id=run_id)
+    # a tracking server accepts a `models:/<model_id>` source only together with that model_id
+    # (the SQLite store does not check)
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else None
+    mv = existing[0] if existing else client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id)
     for k, v in (tags or {}).items():
         client.set_model_version_tag(name, mv.version, f"{TAG}{k}", str(v))
     return int(mv.version)

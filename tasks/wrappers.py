@@ -45,6 +45,13 @@ def _store_and_code(context: Any, parameters: dict[str, Any]) -> str:
 TRAINING_CACHE = (INPUTS - "ctx") + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_store_and_code)
 
 
+@task(name="pull-data", **IO_RETRIES)
+def pull_data(data_dir: str) -> str:
+    """`dvc pull` of the method's inputs on a worker (tasks.platform.dvc_remote)."""
+    from .platform.dvc_remote import pull
+    return pull(data_dir)
+
+
 @task(name="validate-inputs", **IO_RETRIES)
 def validate_inputs(spec: MethodSpec, data_dir: str) -> str:
     """Runs the data stage's Great Expectations suites on the method's inputs; returns their hash."""
