@@ -34,8 +34,9 @@ system-deps:
 		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
 	fi
 
+# `dvc repro` with one Prefect server for the whole pipeline (flows/repro.py)
 run: install
-	dvc repro
+	python -m flows.repro
 
 test: install system-deps
 	pytest
@@ -58,7 +59,7 @@ run-full: install
 	dvc exp run train@pangu $(FULL_OVERRIDES)
 
 bench: install
-	dvc repro digits era5_prepare
+	python -m flows.repro digits era5_prepare
 	python benchmarks/orchestration.py
 	python benchmarks/era5_prepare.py
 	python benchmarks/pangu_step.py
@@ -68,4 +69,4 @@ lock: | $(UV)
 	$(UV) pip compile pyproject.toml --extra dev $(TORCH_SOURCE) --python-version 3.11 -o requirements.lock
 
 clean:
-	rm -rf $(VENV) .prefect .serve mlflow.db mlartifacts data metrics .dvc/cache .dvc/tmp
+	rm -rf $(VENV) .prefect .serve .checkpoints mlflow.db mlartifacts data metrics .dvc/cache .dvc/tmp

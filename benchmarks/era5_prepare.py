@@ -47,11 +47,11 @@ def measure(days: int, repeats: int, tmp: Path) -> dict:
     import xarray as xr
     from dask.distributed import Client, LocalCluster
 
-    from tasks import era5, era5_prepare
-    from tasks.common import load_params
+    from tasks.platform.params import stage_params
+    from tasks.stages import era5_download as era5, era5_prepare
 
-    download_cfg = dict(load_params(section="era5")["default"], n_days=days)
-    prepare_cfg = load_params(section="era5_prepare")["default"]
+    download_cfg = dict(stage_params("era5", "default"), n_days=days)
+    prepare_cfg = stage_params("era5_prepare", "default")
     raw = tmp / f"raw-{days}d.zarr"
     era5.download(download_cfg, raw)
     n_bytes = xr.open_zarr(raw, consolidated=False).nbytes  # decoded in-memory size
@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "era5_prepare.json"))
     args = ap.parse_args()
 
-    from tasks.common import write_json
+    from tasks.platform.common import write_json
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-era5-"))
     sizes = [measure(days, args.repeats, tmp) for days in args.days]

@@ -47,33 +47,35 @@ def main() -> None:
     from prefect.cache_policies import NO_CACHE
 
     from flows.runtime import local_run_settings
-    from models import create_model, get_method
     from models.distill import DistillationLoss
-    from tasks import tracking
-    from tasks.common import load_params, write_json
-    from tasks.forecast import TARGETS_ONLY, fit_forecaster, load_forecast_data, model_kwargs, train_lead_model
-    from tasks.train import TrainConfig, resolve_device
+    from tasks.kinds import get_kind
+    from tasks.methods import resolve
+    from tasks.platform import tracking
+    from tasks.platform.common import write_json
+    from tasks.steps.train_role import resolve_device, train_unit
+    from tasks.train.loop import fit
 
-    spec = get_method("pangu")
-    mp = load_params()["methods"]["pangu"]
-    if not Path(mp["data"]).is_dir():
-        sys.exit(f"error: {mp['data']}: not found; run `dvc repro era5_prepare` first")
-    params = dict(mp, teacher=dict(mp["teacher"], epochs=args.epochs))
-    cfg = TrainConfig.from_params(params["teacher"])
-    device = resolve_device(mp.get("device", "auto"))
-    data = load_forecast_data(mp["data"])
+    spec, mp, _ = resolve("pangu")
+    if not Path(mp.data).is_dir():
+        sys.exit(f"error: {mp.data}: not found; run `dvc repro era5_prepare` first")
+    kind = get_kind(spec.kind)
+    cfg = mp.teacher.model_copy(update={"epochs": args.epochs})
+    device = resolve_device(mp.device)
+    data = kind.load(mp.data)
     lead = 6
-    n_samples = (len(data.train.upper) - lead // data.train.step_hours) * cfg.epochs
+    train_set = kind.train_set(data, lead)
+    n_samples = len(train_set) * cfg.epochs
 
     def new_model():
         torch.manual_seed(0)
-        return create_model(spec.teacher, **model_kwargs(data, params, "teacher"))
+        return kind.build(spec, "teacher", data, cfg)
 
     def plain(precision: str = cfg.precision) -> float:
+        """The train loop alone, as the flow's task calls it (DataLoader batches, validation per epoch)."""
         model = new_model()
         t = time.perf_counter()
-        fit_forecaster(model, data.train, data.val, lead, dataclasses.replace(cfg, precision=precision), seed=0,
-                       criterion=DistillationLoss(TARGETS_ONLY), device=device)
+        fit(model, DistillationLoss(kind.labels_loss), train_set, cfg.model_copy(update={"precision": precision}),
+            seed=0, forward=kind.forward, validate=lambda m: kind.validate(m, data, lead, device), device=device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t
@@ -85,7 +87,8 @@ def main() -> None:
     @task(cache_policy=NO_CACHE)
     def train_task() -> None:
         with tracking.parent_run(ctx, "bench") as parent:
-            train_lead_model(spec, "teacher", lead, mp["data"], params, 0, dataclasses.replace(ctx, parent_run_id=parent))
+            train_unit(spec, "teacher", lead, 0, cfg, mp.device, {}, mp.data,
+                       dataclasses.replace(ctx, parent_run_id=parent))
 
     @flow(name="bench-pangu-step")
     def bench_flow() -> None:

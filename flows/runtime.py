@@ -5,7 +5,7 @@ import contextlib
 import os
 from typing import Any, Iterator
 
-from tasks.common import StageError
+from tasks.platform.common import StageError
 
 # MLflow draws a progress bar for every artifact download, i.e. every model a flow loads back
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -17,10 +17,11 @@ def local_run_settings() -> Iterator[None]:
 
     Heartbeats let a persistent server notice a crashed run; the ephemeral server dies with this
     process, so they buy nothing here, while Prefect 3.8 waits for the heartbeat thread's 1 s sleep
-    when every flow run ends (~1 s of a 1.1 s empty flow, see benchmarks/orchestration.py). Against a
-    real server (PREFECT_API_URL set, e.g. a worker running a deployment) they stay on.
+    when every flow run ends (~1 s of a 1.1 s empty flow, see benchmarks/orchestration.py). The same
+    holds for the server `flows.repro` runs for one `dvc repro` (DISTILLERY_LOCAL_PREFECT). Against a
+    shared server (PREFECT_API_URL set, e.g. a worker running a deployment) they stay on.
     """
-    if os.environ.get("PREFECT_API_URL"):
+    if os.environ.get("PREFECT_API_URL") and not os.environ.get("DISTILLERY_LOCAL_PREFECT"):
         yield
         return
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
@@ -34,14 +35,24 @@ def in_deployment() -> bool:
     return deployment.id is not None
 
 
-def deployment_settings(params: dict[str, Any]) -> dict[str, Any]:
+def tracking_problems(env: dict[str, str]) -> list[str]:
+    """What is wrong with a deployment's tracking store setting (it must outlive the run's clone)."""
+    uri = env.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        return ["MLFLOW_TRACKING_URI is not set: the shared MLflow server (e.g. http://mlflow.internal:5000); "
+                "without it runs would go to an SQLite file inside the run's temporary clone and be lost"]
+    if not uri.startswith(("http://", "https://")):
+        return [f"MLFLOW_TRACKING_URI must name a tracking server (http:// or https://), got "
+                f"{uri.partition('://')[0]}://…: a database URI keeps the artifacts in the run's temporary clone"]
+    return []
+
+
+def deployment_settings(params: Any) -> dict[str, Any]:
     """The tracking params for a run, checked for a deployment: its clone is deleted after the run,
     so its store must be a tracking server named by MLFLOW_TRACKING_URI (see flows/worker.py)."""
-    tracking = dict(params.get("tracking") or {})
-    if not in_deployment():
-        return tracking
-    from flows.worker import preflight_problems
-    problems = [p for p in preflight_problems(dict(os.environ)) if p.startswith("MLFLOW_TRACKING_URI")]
-    if problems:
-        raise StageError("worker environment", "; ".join(problems))
+    tracking = params.tracking.model_dump()
+    if in_deployment():
+        problems = tracking_problems(dict(os.environ))
+        if problems:
+            raise StageError("worker environment", "; ".join(problems))
     return tracking

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from tasks.common import REPO_ROOT, StageError, cli_main, write_json
+from tasks.platform.common import REPO_ROOT, StageError, cli_main, write_json
 from tasks.platform import services as sv
 
 POOL = "gpu"

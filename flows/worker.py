@@ -25,26 +25,20 @@ import signal
 import sys
 from pathlib import Path
 
-from tasks.common import StageError, cli_main
+from tasks.platform.common import StageError, cli_main
 
-# setting -> what it is, as the error names it
-REQUIRED = {
-    "DISTILLERY_REPO_URL": "the git repository the worker clones for every flow run "
-                           "(e.g. https://git.example.org/distillery.git or file:///srv/distillery)",
-    "MLFLOW_TRACKING_URI": "the shared MLflow server (e.g. http://mlflow.internal:5000); without it "
-                           "runs would go to an SQLite file inside the run's temporary clone and be lost",
-}
+from .runtime import tracking_problems
+
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 def preflight_problems(env: dict[str, str]) -> list[str]:
     """What is missing or wrong in a worker's settings, one sentence each (empty: ready)."""
-    problems = [f"{key} is not set: {what}" for key, what in REQUIRED.items() if not env.get(key)]
-    uri = env.get("MLFLOW_TRACKING_URI", "")
-    if uri and not uri.startswith(("http://", "https://")):
-        problems.append(f"MLFLOW_TRACKING_URI must name a tracking server (http:// or https://), got "
-                        f"{uri.partition('://')[0]}://…: a database URI keeps the artifacts in the run's "
-                        f"temporary clone")
+    problems = []
+    if not env.get("DISTILLERY_REPO_URL"):
+        problems.append("DISTILLERY_REPO_URL is not set: the git repository the worker clones for every flow run "
+                        "(e.g. https://git.example.org/distillery.git or file:///srv/distillery)")
+    problems += tracking_problems(env)
     device = env.get("DISTILLERY_DEVICE")
     if device:
         if not DEVICE_RE.match(device):

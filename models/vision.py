@@ -2,7 +2,6 @@
 
 Input is a flat (B, 64) tensor of pixel intensities scaled to [0, 1]; both nets expose
 `forward_features` / `forward_head` (timm's interface) and a `features` submodule that KD taps.
-The methods at the bottom are this family's registry entries.
 """
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .registry import MethodSpec, register_method, register_model
+from .registry import register_model
 
 __all__ = ["DigitsCNN", "DigitsMLP"]
 
@@ -88,36 +87,3 @@ def digits_cnn(**kwargs) -> DigitsCNN:
 def digits_mlp_tiny(**kwargs) -> DigitsMLP:
     """Student MLP 64-16-10."""
     return DigitsMLP(DigitsMLPConfig(**dict(dict(hidden=16), **kwargs)))
-
-
-# ---------------------------------------------------------------------------------------------------
-# methods on the digits stage
-
-register_method(MethodSpec(
-    name="hinton_kd",
-    description="Hinton et al. 2015: a tiny MLP learns from a CNN's temperature-softened logits.",
-    data_stage="digits",
-    teacher="digits_cnn",
-    student="digits_mlp_tiny",
-    loss={"kd": {"weight": 0.9, "temperature": 4.0}, "ce": {"weight": 0.1}},
-    primary_metric="accuracy",
-    higher_is_better=True,
-    baselines=("student_labels",),
-    claim="student_kd.accuracy > student_labels.accuracy",
-))
-
-register_method(MethodSpec(
-    name="fitnet_hint",
-    description="Romero et al. 2015 (FitNets): the MLP's hidden layer regresses the CNN's pooled "
-                "features through a learned adapter, on top of logit KD.",
-    data_stage="digits",
-    teacher="digits_cnn",
-    student="digits_mlp_tiny",
-    loss={"kd": {"weight": 0.9, "temperature": 4.0}, "ce": {"weight": 0.1},
-          "hint": {"weight": 1.0, "student_key": "features", "teacher_key": "features"}},
-    feature_taps={"student": ("features",), "teacher": ("features",)},
-    primary_metric="accuracy",
-    higher_is_better=True,
-    baselines=("student_labels",),
-    claim="student_kd.accuracy > student_labels.accuracy",
-))

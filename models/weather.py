@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .registry import MethodSpec, register_method, register_model
+from .registry import register_model
 
 __all__ = ["PanguConfig", "Pangu", "HierarchicalForecaster", "earth_position_index"]
 
@@ -436,63 +436,3 @@ def pangu_tiny(**kwargs) -> Pangu:
 def pangu_full(**kwargs) -> Pangu:
     """The paper's size on 0.25-degree ERA5 (721x1440, 13 levels); a GPU model."""
     return Pangu(PanguConfig(**dict(PANGU_FULL, **kwargs)))
-
-
-# ---------------------------------------------------------------------------------------------------
-# methods on the ERA5 stages (claims are checked by flows/forecast.py on every run)
-
-_HEADLINE = ("z500", "t850", "t2m")  # WB2's headline variables; the default profile has all three
-
-def beats_baselines(name: str, description: str, leads: tuple[int, ...], variables: tuple[str, ...]) -> MethodSpec:
-    """A Pangu-lite whose claim is lower RMSE than persistence and climatology for every variable and
-    lead; the primary metric is the first variable at the longest lead."""
-    baselines = ("persistence", "climatology")
-    return MethodSpec(
-        name=name, description=description, kind="forecast", data_stage="era5_prepare",
-        teacher="pangu_lite", student=None, loss={}, leads=leads,
-        primary_metric=f"rmse_{variables[0]}_{max(leads)}h", higher_is_better=False, baselines=baselines,
-        claim=tuple(f"teacher.rmse_{v}_{lead}h < {b}.rmse_{v}_{lead}h"
-                    for v in variables for lead in leads for b in baselines))
-
-
-register_method(beats_baselines(
-    "pangu", "Pangu-Weather (Bi et al. 2023): 3D Earth-specific transformer; the 6 h and 24 h models "
-             "composed by hierarchical temporal aggregation, against persistence and climatology.",
-    leads=(6, 24), variables=_HEADLINE))
-
-register_method(MethodSpec(
-    name="pangu_hta",
-    description="Hierarchical temporal aggregation: the greedy composition of 1/6/24 h models against "
-                "iterating the 1 h model (24 steps to +24 h).",
-    kind="forecast", data_stage="era5_prepare", teacher="pangu_lite", student=None, loss={},
-    leads=(1, 6, 24), primary_metric="rmse_z500_24h", higher_is_better=False,
-    baselines=("iterated_1h",),
-    claim=tuple(f"teacher.rmse_{v}_24h < iterated_1h.rmse_{v}_24h" for v in _HEADLINE),
-))
-
-register_method(MethodSpec(
-    name="pangu_student",
-    description="A third-size Pangu distilled from the teacher's 6 h forecasts (output KD) and its "
-                "encoder features (hint through a learned adapter), against the same student on targets.",
-    kind="forecast", data_stage="era5_prepare", teacher="pangu_lite", student="pangu_tiny",
-    loss={"forecast_l1": {"weight": 0.5}, "forecast_kd": {"weight": 0.5},
-          "hint": {"weight": 0.1, "student_key": "encoder1", "teacher_key": "encoder1"}},
-    feature_taps={"student": ("encoder1",), "teacher": ("encoder1",)},
-    leads=(6,), primary_metric="rmse_z500_6h", higher_is_better=False,
-    baselines=("student_labels",),
-    claim=tuple(f"student_kd.rmse_{v}_6h < student_labels.rmse_{v}_6h" for v in _HEADLINE),
-))
-
-register_method(beats_baselines(
-    "pangu_eda_upper",
-    "The pangu method on the real ERA5 ensemble-of-data-assimilations sample: z and t at 500/850 hPa, "
-    "10 members x 4 analyses 12 h apart (3°, prepared at 6°), an upper-air-only Pangu-lite with one "
-    "12 h model; members are trajectories of their own, and the time split shares its boundary steps "
-    "(embargo 0) because 4 steps cannot spare a gap.",
-    leads=(12,), variables=("z500", "t850")))
-
-register_method(beats_baselines(
-    "pangu_uk_t2m",
-    "The pangu method on the real samples profile: the UK 2 m temperature month (ERA5, 0.25° "
-    "prepared at 0.5°), a surface-only regional Pangu-lite (no longitude wrap).",
-    leads=(6, 24), variables=("t2m",)))

@@ -48,13 +48,16 @@ def check_classification_method_recorded(client, root, method, lineage):
     parent = by_role["flow"][0]
     (root / "downloads").mkdir(exist_ok=True)
     report = json.loads(Path(client.download_artifacts(parent_id, "report.json", str(root / "downloads"))).read_text())
-    assert parent.data.tags["distillery.claim_passed"] == str(report["claim"]["passed"]).lower()
-    assert parent.data.metrics["claim_passed"] == float(report["claim"]["passed"])
+    assert parent.data.tags["distillery.claim_verdict"] == report["claim"]["verdict"]
+    assert parent.data.metrics["claim_holds"] == float(report["claim"]["verdict"] == "holds")
+    part = report["claim"]["parts"][0]
+    assert parent.data.metrics["claim.0.diff_mean"] == pytest.approx(part["diff_mean"])
+    assert [parent.data.metrics["claim.0.ci95_low"], parent.data.metrics["claim.0.ci95_high"]] == pytest.approx(part["ci95"])
     assert report["mlflow"]["parent_run_id"] == parent_id
 
     student = client.get_model_version_by_alias(method, "champion")
     assert student.tags["distillery.teacher_model"] == f"{method}_teacher/1"
-    assert student.tags["distillery.claim_passed"] in ("True", "False")
+    assert student.tags["distillery.claim_verdict"] in ("holds", "refuted", "inconclusive")
     assert student.run_id in {r.info.run_id for r in by_role["student_kd"]}
     teacher = client.get_model_version_by_alias(f"{method}_teacher", "champion")
     assert teacher.run_id == teacher_id

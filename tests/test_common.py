@@ -1,6 +1,8 @@
 import pytest
 
-from tasks.common import StageError, atomic_dir, atomic_path, dvc_lock_md5, hash_path, load_params, write_json
+from tasks.platform.common import StageError, atomic_dir, atomic_path, hash_path, write_json
+from tasks.platform.lineage import dvc_lock_md5
+from tasks.platform.params import load_params, stage_params
 
 
 def test_atomic_path_publishes_only_on_success(tmp_path):
@@ -48,8 +50,11 @@ def test_load_params_errors_name_the_file(tmp_path):
     with pytest.raises(StageError, match="not valid YAML"):
         load_params(p)
     p.write_text("a: 1\n")
-    with pytest.raises(StageError, match="no section 'b'"):
-        load_params(p, "b")
+    with pytest.raises(StageError, match="a: unknown key"):
+        load_params(p)
+    p.write_text("tracking: {}\n")
+    with pytest.raises(StageError, match="has no section 'digits'"):
+        stage_params("digits", path=p)
 
 
 def test_dvc_lock_md5_reads_the_output_entry(tmp_path):

@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
-from tasks import digits
-from tasks.common import StageError
+from tasks.kinds.classification import schema
+from tasks.platform.common import StageError
+from tasks.stages import digits
 
 
 def test_stratified_split_is_a_disjoint_cover_with_class_proportions():
@@ -44,11 +45,11 @@ def prepared(tmp_path_factory):
 def test_prepare_writes_three_validated_parquet_splits(prepared):
     out, counts = prepared
     assert sum(counts.values()) == 1797
-    for split in digits.SPLITS:
+    for split in schema.SPLITS:
         table = pq.read_table(out / f"{split}.parquet")
-        assert table.schema.equals(digits.SCHEMA, check_metadata=False)
+        assert table.schema.equals(schema.SCHEMA, check_metadata=False)
         assert table.num_rows == counts[split]
-    data = digits.load_splits(out)
+    data = schema.load_splits(out)
     assert data["train"].x.shape == (counts["train"], 64)
     assert 0.0 <= float(data["train"].x.min()) and float(data["train"].x.max()) <= 1.0
     assert not list(out.parent.glob(".digits*"))  # no temp dirs left behind
@@ -79,11 +80,9 @@ def test_bad_source_raises_naming_the_file_and_writes_nothing(tmp_path, mutate, 
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
-def test_missing_source_and_bad_split_params(tmp_path):
+def test_missing_source(tmp_path):
     with pytest.raises(StageError, match="source file not found"):
         digits.prepare(str(tmp_path / "nope.csv"), tmp_path / "out", 0.2, 0.2, 0)
-    with pytest.raises(StageError, match="val \\+ test < 1"):
-        digits.prepare("sklearn", tmp_path / "out", 0.6, 0.5, 0)
 
 
 def test_failed_rerun_keeps_the_previous_output(prepared, tmp_path):
@@ -106,32 +105,40 @@ def test_consumer_rejects_missing_wrong_schema_and_nan(prepared, tmp_path):
     d = copy_splits(prepared[0], tmp_path / "missing")
     (d / "val.parquet").unlink()
     with pytest.raises(StageError, match="val.parquet: not found"):
-        digits.load_splits(d)
+        schema.load_splits(d)
 
     d = copy_splits(prepared[0], tmp_path / "schema")
     df = pd.read_parquet(d / "train.parquet").rename(columns={"label": "target"})
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), d / "train.parquet")
     with pytest.raises(StageError, match="train.parquet: wrong schema"):
-        digits.load_splits(d)
+        schema.load_splits(d)
 
     d = copy_splits(prepared[0], tmp_path / "nan")
     df = pd.read_parquet(d / "test.parquet")
     df.loc[3, "px_10"] = np.nan
-    pq.write_table(pa.Table.from_pandas(df, schema=digits.SCHEMA, preserve_index=False), d / "test.parquet")
+    pq.write_table(pa.Table.from_pandas(df, schema=schema.SCHEMA, preserve_index=False), d / "test.parquet")
     with pytest.raises(StageError, match="test.parquet: failed validation.*expect_column_values_to_not_be_null\\(column=px_10\\)"):
-        digits.load_splits(d)
+        schema.load_splits(d)
 
     d = copy_splits(prepared[0], tmp_path / "garbage")
     (d / "train.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(StageError, match="train.parquet: not a readable Parquet file"):
-        digits.load_splits(d)
+        schema.load_splits(d)
 
 
-def test_stage_cli_exits_nonzero_with_one_line_error_and_no_output(tmp_path):
-    (tmp_path / "params.yaml").write_text(
-        "digits:\n  source: missing.csv\n  split: {val: 0.2, test: 0.2}\n  seed: 0\n")
-    proc = subprocess.run([sys.executable, "-m", "tasks.digits", "out"], cwd=tmp_path,
+@pytest.mark.parametrize("params,error", [
+    ("digits:\n  source: missing.csv\n  split: {val: 0.2, test: 0.2}\n  seed: 0\n",
+     "error: missing.csv: source file not found"),
+    ("digits:\n  source: sklearn\n  split: {val: 0.2, test: 1.5}\n  seed: 0\n",
+     "error: params.yaml: digits.split.test: must be < 1, got 1.5"),
+    ("digits:\n  source: sklearn\n  split: {val: 0.6, test: 0.4}\n  seed: 0\n",
+     "error: params.yaml: digits.split: val + test must be < 1, got 0.6 + 0.4"),
+    ("digits:\n  source: sklearn\n  split: {val: 0.2, test: 0.2}\n", "error: params.yaml: digits.seed: required, missing"),
+])
+def test_stage_cli_exits_nonzero_with_one_line_error_and_no_output(tmp_path, params, error):
+    (tmp_path / "params.yaml").write_text(params)
+    proc = subprocess.run([sys.executable, "-m", "tasks.stages.digits", "out"], cwd=tmp_path,
                           capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 1
-    assert proc.stderr.strip() == "error: missing.csv: source file not found"
+    assert proc.stderr.strip() == error
     assert not (tmp_path / "out").exists()

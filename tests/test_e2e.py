@@ -1,4 +1,4 @@
-"""The whole default pipeline through `dvc repro`, in a temporary copy of the repository."""
+"""The whole default pipeline through `make run`'s `dvc repro`, in a temporary copy of the repository."""
 import json
 import math
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from checks import check_champions_predict_with_their_recorded_scores, check_classification_method_recorded
-from conftest import REPO
+from conftest import REPO, copy_checkout
 
 pytestmark = pytest.mark.e2e
 
@@ -31,18 +31,13 @@ def pipeline(tmp_path_factory):
         pytest.fail(f"{shared} is missing: the samples profile needs the real ERA5 files")
     if shared.is_dir():
         (root.parent / "shared").symlink_to(shared)  # the samples profile reads ../shared/data
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for f in filter(None, files):
-        if (REPO / f).is_file():
-            (root / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, root / f)
+    copy_checkout(root)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", PREFECT_SERVER_ANALYTICS_ENABLED="false",
                GIT_AUTHOR_NAME="e2e", GIT_AUTHOR_EMAIL="e2e@localhost",
                GIT_COMMITTER_NAME="e2e", GIT_COMMITTER_EMAIL="e2e@localhost")
     sh("git init -q && git add -A && git commit -qm e2e", root, env)
-    first = sh(["dvc", "repro"], root, env)
+    first = sh([sys.executable, "-m", "flows.repro"], root, env)  # what `make run` runs
     return root, env, first
 
 
@@ -61,9 +56,14 @@ def test_metrics_file_holds_roles_and_claim(pipeline):
         assert rep["roles"]["student_kd"]["n"] == len(seeds) and rep["roles"]["teacher"]["mean"] > 0.9
         c = rep["claim"]
         assert c["statement"] == "student_kd.accuracy > student_labels.accuracy"
-        assert isinstance(c["passed"], bool)
-        assert c["passed"] == (c["left"]["mean"] > c["right"]["mean"])
-        assert c["left"]["mean"] == rep["roles"]["student_kd"]["mean"]
+        (part,) = c["parts"]
+        assert c["verdict"] == part["verdict"] in ("holds", "refuted", "inconclusive")
+        assert part["seeds"] == seeds and len(part["differences"]) == len(seeds)  # paired by seed
+        assert part["diff_mean"] == pytest.approx(part["left"]["mean"] - part["right"]["mean"])
+        lo, hi = part["ci95"]
+        assert lo <= part["diff_mean"] <= hi
+        assert part["verdict"] == ("holds" if lo > 0 else "refuted" if hi <= 0 else "inconclusive")
+        assert part["left"]["mean"] == rep["roles"]["student_kd"]["mean"]
 
 
 def test_mlflow_runs_carry_metrics_plots_models_lineage_and_champions(pipeline):
@@ -125,7 +125,7 @@ def test_flow_on_bad_input_fails_clearly_and_writes_nothing(pipeline):
 
 
 def test_era5_stages_write_both_profiles(pipeline):
-    from tasks.era5_prepare import load_prepared
+    from tasks.kinds.forecast.schema import load_prepared
     root, _, _ = pipeline
     default = load_prepared(root / "data/era5/default/prepared")
     assert dict(default["train"].sizes)["latitude"] == 16 and dict(default["train"].sizes)["longitude"] == 32
@@ -138,7 +138,7 @@ def test_era5_stages_write_both_profiles(pipeline):
 def test_forecast_methods_report_claims_runs_plots_and_a_loadable_champion(pipeline):
     import mlflow
     import torch
-    from tasks.forecast import load_forecast_data
+    from tasks.kinds.forecast.data import load_forecast_data
     root, _, _ = pipeline
     client = client_for(root)
     expected_roles = {"pangu": {"teacher", "persistence", "climatology"},
@@ -150,12 +150,20 @@ def test_forecast_methods_report_claims_runs_plots_and_a_loadable_champion(pipel
     for method, roles in expected_roles.items():
         rep = json.loads((root / "metrics" / f"{method}.json").read_text())
         assert set(rep["roles"]) == roles
-        parts = rep["claim"].get("parts", [rep["claim"]])
-        assert all(p["passed"] == (p["left"]["mean"] < p["right"]["mean"]) for p in parts)
-        assert rep["claim"]["passed"] == all(p["passed"] for p in parts)
+        parts = rep["claim"]["parts"]
+        for p in parts:  # "<" claims: the interval of left - right in the claimed direction
+            if p["ci95"] is None:
+                assert p["verdict"] == "inconclusive" and len(p["differences"]) == 1
+            else:
+                lo, hi = p["ci95"]
+                assert p["verdict"] == ("holds" if hi < 0 else "refuted" if lo >= 0 else "inconclusive")
+        verdicts = {p["verdict"] for p in parts}
+        assert rep["claim"]["verdict"] == ("holds" if verdicts == {"holds"} else
+                                           "refuted" if "refuted" in verdicts else "inconclusive")
         exp = client.get_experiment_by_name(method)
         parent = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags["distillery.role"] == "flow"][0]
-        assert parent.data.tags["distillery.claim_passed"] == str(rep["claim"]["passed"]).lower()
+        assert parent.data.tags["distillery.claim_verdict"] == rep["claim"]["verdict"]
+        assert parent.data.tags[f"distillery.claim.{len(parts) - 1}"].endswith(parts[-1]["verdict"])
         artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
         assert "rmse_vs_lead.png" in artifacts and "maps" in artifacts
     assert len(json.loads((root / "metrics" / "pangu.json").read_text())["claim"]["parts"]) == 12
@@ -168,7 +176,7 @@ def test_forecast_methods_report_claims_runs_plots_and_a_loadable_champion(pipel
 
     student_runs = client.search_runs([client.get_experiment_by_name("pangu_student").experiment_id],
                                       "tags.`distillery.role` = 'student_kd'")
-    kd = [r for r in student_runs if "loss.hint.weight" in r.data.params]  # the lead-model runs
+    kd = [r for r in student_runs if "loss.hint.weight" in r.data.params]  # the unit (lead-time) runs
     assert len(kd) == 3 and all(r.data.tags["distillery.teacher_model_version"] == "pangu_student_teacher/1" for r in kd)
 
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
@@ -177,3 +185,39 @@ def test_forecast_methods_report_claims_runs_plots_and_a_loadable_champion(pipel
     with torch.no_grad():
         u, s = forecaster(data.test.upper[:2], data.test.surface[:2], 24)
     assert u.shape == data.test.upper[:2].shape and torch.isfinite(u).all() and torch.isfinite(s).all()
+
+
+def stale_stages(root, env):
+    return set(json.loads(sh(["dvc", "status", "--json"], root, env).stdout))
+
+
+def test_adding_a_method_leaves_every_other_stage_up_to_date(pipeline):
+    """A new method on an existing kind is one declaration file and one params block."""
+    root, env, _ = pipeline
+    params, declaration = root / "params.yaml", root / "tasks" / "methods" / "hinton_kd_t2.py"
+    original = params.read_text()
+    try:
+        declaration.write_text((root / "tasks" / "methods" / "hinton_kd.py").read_text()
+                               .replace('name="hinton_kd"', 'name="hinton_kd_t2"').replace('"temperature": 4.0', '"temperature": 2.0'))
+        block = original[original.index("  hinton_kd:\n"):original.index("  fitnet_hint:\n")]
+        params.write_text(original.replace("  fitnet_hint:\n", block.replace("  hinton_kd:", "  hinton_kd_t2:") + "  fitnet_hint:\n"))
+        assert stale_stages(root, env) == {"train@hinton_kd_t2"}
+    finally:
+        params.write_text(original)
+        declaration.unlink(missing_ok=True)
+    assert stale_stages(root, env) == set()
+
+
+def test_editing_the_weather_model_reruns_only_the_forecast_methods(pipeline):
+    import yaml
+    root, env, _ = pipeline
+    model_file = root / "models" / "weather.py"
+    original = model_file.read_text()
+    try:
+        model_file.write_text(original + "\n# an edit\n")
+        forecast = {f"train@{m}" for m, p in yaml.safe_load((root / "params.yaml").read_text())["methods"].items()
+                    if p["kind"] == "forecast"}
+        assert stale_stages(root, env) == forecast  # hinton_kd and fitnet_hint stay cached
+    finally:
+        model_file.write_text(original)
+    assert stale_stages(root, env) == set()

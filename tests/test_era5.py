@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from tasks import era5, era5_synthetic
-from tasks.common import StageError
+from tasks.kinds.forecast import schema
+from tasks.platform.common import StageError
+from tasks.stages import era5_download as era5, era5_synthetic
 from conftest import SHARED, shared_file
 
 UK_GRIB = "era5/xarray-data/era5-2mt-2019-03-uk.grib"
@@ -53,7 +54,7 @@ def test_synthetic_has_the_era5_schema(synthetic):
         assert ds[v].dims == ("time", "latitude", "longitude")
     for v in ds.data_vars:
         assert ds[v].dtype == np.float32
-        assert ds[v].attrs["units"] == era5.VARIABLES[v].units and ds[v].attrs["long_name"]
+        assert ds[v].attrs["units"] == schema.VARIABLES[v].units and ds[v].attrs["long_name"]
     lat, lon = ds.latitude.values, ds.longitude.values
     np.testing.assert_allclose(lat, 90 - 5.625 / 2 - 5.625 * np.arange(32))  # cell centres, descending
     np.testing.assert_allclose(lon, 5.625 * np.arange(64))
@@ -165,10 +166,10 @@ def arco_store(tmp_path_factory):
     rng = np.random.default_rng(1)
     data = {}
     for short, long in ARCO_LONG.items():
-        upper = era5.VARIABLES[short].upper
+        upper = schema.VARIABLES[short].upper
         dims = ("time", "level", "latitude", "longitude") if upper else ("time", "latitude", "longitude")
         shape = (48, 4, 19, 36) if upper else (48, 19, 36)
-        data[long] = (dims, rng.random(shape, dtype=np.float32), {"units": era5.VARIABLES[short].units})
+        data[long] = (dims, rng.random(shape, dtype=np.float32), {"units": schema.VARIABLES[short].units})
     ds = xr.Dataset(data, {"time": times, "level": levels, "latitude": lat, "longitude": lon})
     path = tmp_path_factory.mktemp("arco") / "arco.zarr"
     ds.chunk({"time": 1}).to_zarr(path, mode="w", consolidated=True)

@@ -13,8 +13,9 @@ import xarray as xr
 import yaml
 
 from conftest import REPO, SHARED, shared_file
-from tasks import era5, era5_prepare as prep, era5_synthetic
-from tasks.common import StageError
+from tasks.kinds.forecast import schema
+from tasks.platform.common import StageError
+from tasks.stages import era5_download as era5, era5_prepare as prep, era5_synthetic
 
 UK_GRIB = "era5/xarray-data/era5-2mt-2019-03-uk.grib"
 DEFAULT_ERA5 = {"source": "synthetic", "start": "2020-01-01T00:00", "n_days": 30, "step_hours": 1,
@@ -70,7 +71,7 @@ def da(values, units, dims=("time",)):
 ])
 def test_unit_conversions_match_hand_computed_values(var, value, units, expected):
     out = prep.convert_units(da([value], units), var, "raw.zarr")
-    assert out.dtype == np.float32 and out.attrs["units"] == era5.VARIABLES[var].units
+    assert out.dtype == np.float32 and out.attrs["units"] == schema.VARIABLES[var].units
     np.testing.assert_allclose(out.values, [expected], rtol=1e-6)
 
 
@@ -113,11 +114,11 @@ def test_harmonise_maps_arco_cfgrib_and_cds_names():
 
 def test_upper_and_surface_vars_in_canonical_order():
     dims3, dims4 = ("time", "latitude", "longitude"), ("time", "level", "latitude", "longitude")
-    ds = xr.Dataset({v: (dims4 if era5.VARIABLES[v].upper else dims3,
-                         np.zeros((1, 1, 1, 1) if era5.VARIABLES[v].upper else (1, 1, 1)))
+    ds = xr.Dataset({v: (dims4 if schema.VARIABLES[v].upper else dims3,
+                         np.zeros((1, 1, 1, 1) if schema.VARIABLES[v].upper else (1, 1, 1)))
                      for v in ["v10", "q", "msl", "z", "t2m", "u", "sp", "t", "u10", "v"]})
-    assert prep.upper_vars(ds) == ["z", "t", "u", "v", "q"]
-    assert prep.surface_vars(ds) == ["t2m", "msl", "sp", "u10", "v10"]
+    assert schema.upper_vars(ds) == ["z", "t", "u", "v", "q"]
+    assert schema.surface_vars(ds) == ["t2m", "msl", "sp", "u10", "v10"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -205,7 +206,7 @@ def test_longitudes_from_minus_180_are_wrapped_and_sorted():
 def test_fraction_split_leaves_more_than_max_lead_between_splits():
     times = pd.date_range("2020-01-01", periods=300, freq="h").values
     idx = prep.split_indices(times, {"val": 0.2, "test": 0.1}, max_lead_hours=24, step_hours=1)
-    all_idx = np.concatenate([idx[s] for s in prep.SPLITS])
+    all_idx = np.concatenate([idx[s] for s in schema.SPLITS])
     assert len(np.unique(all_idx)) == len(all_idx)
     assert idx["train"][-1] < idx["val"][0] and idx["val"][-1] < idx["test"][0]
     assert idx["val"][0] - idx["train"][-1] == 25 and idx["test"][0] - idx["val"][-1] == 25
@@ -286,7 +287,7 @@ def test_stats_and_climatology_come_from_the_training_period_only(tmp_path):
     stats_a = json.loads((tmp_path / "out_a" / "stats.json").read_text())
     stats_b = json.loads((tmp_path / "out_b" / "stats.json").read_text())
     assert stats_a == stats_b
-    a, b = prep.load_prepared(tmp_path / "out_a"), prep.load_prepared(tmp_path / "out_b")
+    a, b = schema.load_prepared(tmp_path / "out_a"), schema.load_prepared(tmp_path / "out_b")
     xr.testing.assert_identical(a["climatology"], b["climatology"])
     assert not np.allclose(a["val"].t2m.values, b["val"].t2m.values)
 
@@ -323,12 +324,12 @@ def test_default_profile_yields_16x32_and_the_documented_layout(default_prepared
     assert (meta["grid"]["n_lat"], meta["grid"]["n_lon"]) == (16, 32)
     assert meta["grid"]["regrid"] == "block mean 2x2" and meta["step_hours"] == 1
     assert meta["source"] == "synthetic" and meta["levels"] == [850, 500, 250]
-    d = prep.load_prepared(out)
+    d = schema.load_prepared(out)
     assert set(d) == {"train", "val", "test", "climatology", "stats", "meta"}
-    for split in prep.SPLITS:
+    for split in schema.SPLITS:
         ds = d[split]
-        assert prep.upper_vars(ds) == ["z", "t", "u", "v"]
-        assert prep.surface_vars(ds) == ["t2m", "msl", "u10", "v10"]
+        assert schema.upper_vars(ds) == ["z", "t", "u", "v"]
+        assert schema.surface_vars(ds) == ["t2m", "msl", "u10", "v10"]
         assert ds.z.dims == ("time", "level", "latitude", "longitude")
         assert ds.t2m.dims == ("time", "latitude", "longitude")
         assert all(ds[v].dtype == np.float32 for v in ds.data_vars)
@@ -355,12 +356,12 @@ def test_load_prepared_revalidates_and_names_the_bad_split(default_prepared, tmp
         var.encoding = {}
     val.to_zarr(copy / "val.zarr", mode="w", consolidated=False)
     with pytest.raises(StageError, match="t2m has NaN in 1 time steps") as e:
-        prep.load_prepared(copy)
+        schema.load_prepared(copy)
     assert e.value.path == str(copy / "val.zarr")
-    lazy = prep.load_prepared(copy, validate=False)  # no check: opened lazily
+    lazy = schema.load_prepared(copy, validate=False)  # no check: opened lazily
     assert np.isnan(lazy["val"].t2m.values).sum() == 1
     with pytest.raises(StageError, match="not found"):
-        prep.load_prepared(tmp_path / "nothing")
+        schema.load_prepared(tmp_path / "nothing")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -380,16 +381,16 @@ def test_with_and_without_dask_the_stores_are_identical(tmp_path):
 
 def test_splits_out_of_order_or_on_different_grids_fail_validation(default_prepared):
     root, meta = default_prepared
-    d = prep.load_prepared(root / "prepared")
+    d = schema.load_prepared(root / "prepared")
     args = (meta["variables"], meta["levels"], meta["step_hours"])
-    sources = {name: f"{name}.zarr" for name in prep.SPLITS}
+    sources = {name: f"{name}.zarr" for name in schema.SPLITS}
     swapped = {"train": d["val"], "val": d["train"], "test": d["test"]}  # each split alone is valid
     with pytest.raises(StageError, match="time_h") as e:
-        prep.validate_splits(swapped, *args, sources)
+        schema.validate_splits(swapped, *args, sources)
     assert e.value.path == "train.zarr"
     shifted = dict(d, test=d["test"].assign_coords(longitude=d["test"].longitude + 1.0))
     with pytest.raises(StageError, match="test split: longitude differs from the train split") as e:
-        prep.validate_splits({k: shifted[k] for k in prep.SPLITS}, *args, sources)
+        schema.validate_splits({k: shifted[k] for k in schema.SPLITS}, *args, sources)
     assert e.value.path == "test.zarr"
 
 
@@ -402,9 +403,9 @@ def test_samples_profile_on_the_uk_t2m_grib(tmp_path):
     meta = prep.prepare(tmp_path / "raw.zarr", tmp_path / "prepared", cfg)
     assert (meta["grid"]["n_lat"], meta["grid"]["n_lon"]) == (16, 24)  # 33 x 49 at 0.25°, blocks of 2 x 2
     assert meta["step_hours"] == 1 and sum(s["n_times"] for s in meta["splits"].values()) == 744 - 48
-    d = prep.load_prepared(tmp_path / "prepared")
+    d = schema.load_prepared(tmp_path / "prepared")
     train = d["train"]
-    assert "level" not in train.dims and prep.surface_vars(train) == ["t2m"]
+    assert "level" not in train.dims and schema.surface_vars(train) == ["t2m"]
     # the block of (58, 57.75) x (-10, -9.75) at longitude 350.125 (wrapped from -9.875)
     src = xr.open_dataset(grib, engine="cfgrib", backend_kwargs={"indexpath": ""}).t2m.values
     block = src[:, 0:2, 0:2].astype(float).mean(axis=(1, 2))
@@ -427,9 +428,9 @@ def test_members_profile_on_the_eda_grib_keeps_members_and_pools_them(tmp_path):
     meta = prep.prepare(tmp_path / "raw.zarr", tmp_path / "prepared", cfg)
     assert meta["members"] == 10 and meta["step_hours"] == 12 and meta["levels"] == [500, 850]
     assert (meta["grid"]["n_lat"], meta["grid"]["n_lon"]) == (30, 60)  # 61 x 120 in 2 x 2 blocks, trimmed
-    d = prep.load_prepared(tmp_path / "prepared")
+    d = schema.load_prepared(tmp_path / "prepared")
     assert d["train"].z.dims == ("member", "time", "level", "latitude", "longitude")
-    assert [d[s].sizes["time"] for s in prep.SPLITS] == [2, 2, 2]
+    assert [d[s].sizes["time"] for s in schema.SPLITS] == [2, 2, 2]
     # references straight from the GRIB, by loops: block means, then statistics pooled over members
     src = xr.open_dataset(grib, engine="cfgrib", backend_kwargs={"indexpath": ""}).sel(isobaricInhPa=[500, 850])
     z = src.z.values[:, :2].astype(float)                      # train: (member, time, level, 61, 120)
@@ -526,8 +527,8 @@ def test_stores_are_chunked_by_whole_fields_in_time_and_read_back_exactly(tmp_pa
     assert [type(c).__name__ for c in store["z"].encoding["compressors"]] == ["BloscCodec"]
     clim = xr.open_zarr(out / "climatology.zarr", consolidated=False)
     assert clim["z"].encoding["chunks"] == (5, 2, 8, 16)  # hour plays the part of time
-    d = prep.load_prepared(out)
-    for name in prep.SPLITS:
+    d = schema.load_prepared(out)
+    for name in schema.SPLITS:
         np.testing.assert_array_equal(d[name]["z"].values, splits[name]["z"].values)
         np.testing.assert_array_equal(d[name]["t2m"].values, splits[name]["t2m"].values)
 
@@ -545,9 +546,10 @@ def test_unreadable_raw_store_is_an_error(tmp_path):
 
 def test_cli_prints_one_line_error_and_exits_1(tmp_path):
     small_raw(tmp_path / "raw.zarr", variables=("z", "t", "t2m"))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"era5_prepare": small_cfg()}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"era5_prepare": {"small": small_cfg()}}))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "tasks.era5_prepare", "raw.zarr", "out"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "tasks.stages.era5_prepare", "--profile", "small", "raw.zarr", "out"],
+                          cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()

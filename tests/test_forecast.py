@@ -4,11 +4,26 @@ import pytest
 import torch
 
 import models
+import models.weather  # noqa: F401  (registers the Pangu models)
 from models.distill import DistillationLoss
-from tasks.forecast import (TARGETS_ONLY, Fields, Normalizer, climatology_predictor, fit_forecaster,
-                            persistence_predictor, score)
-from tasks.train import TrainConfig
-from tasks.weather_metrics import weighted_rmse
+from tasks.kinds import get_kind
+from tasks.kinds.forecast.data import Fields, ForecastPairs, Normalizer
+from tasks.kinds.forecast.kind import climatology_predictor, persistence_predictor
+from tasks.kinds.forecast.metrics import score, weighted_rmse
+from tasks.platform.params import TrainParams as TrainConfig
+from tasks.train.loop import fit
+
+KIND = get_kind("forecast")
+TARGETS_ONLY = KIND.labels_loss
+
+
+def fit_forecaster(model, train, val, lead, cfg, *, seed, criterion, teacher=None, taps=None):
+    """One lead-time model through the generic loop, with the forecast kind's pieces."""
+    from types import SimpleNamespace
+    data = SimpleNamespace(val=val)
+    return fit(model, criterion, ForecastPairs(train, lead), cfg, seed=seed, forward=KIND.forward,
+               validate=lambda m: KIND.validate(m, data, lead, torch.device("cpu")), teacher=teacher, taps=taps,
+               cache_batch=KIND.cache_batch)
 
 LAT = np.linspace(80, -80, 8)
 STATS = {"z": {"mean": [1.5e4, 5.5e4], "std": [800.0, 1200.0]}, "t": {"mean": [280.0, 255.0], "std": [10.0, 8.0]},
@@ -83,16 +98,16 @@ def test_fit_forecaster_learns_a_shift_and_distils_with_one_teacher_pass():
     teacher.register_forward_hook(lambda *a: calls.append(1))
     crit = DistillationLoss({"forecast_l1": {"weight": 0.5}, "forecast_kd": {"weight": 0.5},
                              "hint": {"weight": 0.1, "student_key": "encoder1", "teacher_key": "encoder1"}})
-    fit_forecaster(tiny(), train, train, 2, TrainConfig(epochs=1, batch_size=8, lr=0.003), seed=0, criterion=crit,
-                   teacher=teacher, taps={"student": ("encoder1",), "teacher": ("encoder1",)})
-    assert len(calls) == 1  # 38 training inputs < one chunk of 64: the teacher ran once
+    fit_forecaster(tiny(), train, train, 2, TrainConfig(epochs=1, batch_size=8, lr=0.003, cache_teacher=True),
+                   seed=0, criterion=crit, teacher=teacher, taps={"student": ("encoder1",), "teacher": ("encoder1",)})
+    assert len(calls) == 1  # cached: 38 training inputs < one chunk of 64, so the teacher ran once
     assert crit.terms["hint"].adapter.weight.shape == (32, 16)
 
 
 def test_too_short_split_is_an_error():
     f = fields(T=5)
     with pytest.raises(ValueError, match="too few"):
-        fit_forecaster(tiny(), f, f, 6, TrainConfig(1, 4, 0.01), seed=0, criterion=DistillationLoss(TARGETS_ONLY))
+        fit_forecaster(tiny(), f, f, 6, TrainConfig(epochs=1, batch_size=4, lr=0.01), seed=0, criterion=DistillationLoss(TARGETS_ONLY))
 
 
 def member_dataset(members=3, times=4, seed=0):
@@ -110,7 +125,7 @@ def member_dataset(members=3, times=4, seed=0):
 
 
 def test_members_are_trajectories_and_pairs_never_cross_them():
-    from tasks.forecast import to_fields
+    from tasks.kinds.forecast.data import to_fields
     ds = member_dataset()
     norm = Normalizer({"z": STATS["z"], "t": STATS["t"]}, ["z", "t"], [])
     f = to_fields(ds, norm, step_hours=12)
@@ -127,7 +142,7 @@ def test_members_are_trajectories_and_pairs_never_cross_them():
 
 
 def test_score_over_members_matches_a_loop():
-    from tasks.forecast import to_fields
+    from tasks.kinds.forecast.data import to_fields
     ds = member_dataset(members=4, times=3, seed=1)
     norm = Normalizer({"z": STATS["z"], "t": STATS["t"]}, ["z", "t"], [])
     f = to_fields(ds, norm, step_hours=12)
@@ -141,7 +156,7 @@ def test_score_over_members_matches_a_loop():
 
 
 def test_an_upper_air_only_model_trains_on_members():
-    from tasks.forecast import to_fields
+    from tasks.kinds.forecast.data import to_fields
     f = to_fields(member_dataset(members=4, times=4), Normalizer({"z": STATS["z"], "t": STATS["t"]}, ["z", "t"], []),
                   step_hours=12)
     model = models.create_model("pangu_tiny", n_upper=2, n_levels=2, n_surface=0, n_lat=8, n_lon=16)
@@ -151,7 +166,7 @@ def test_an_upper_air_only_model_trains_on_members():
 
 
 def test_longitude_layout_finds_global_grids_and_rolls_boxes_across_greenwich():
-    from tasks.forecast import longitude_layout
+    from tasks.kinds.forecast.data import longitude_layout
     assert longitude_layout(np.arange(5.625, 360, 11.25)) == (True, 0)
     uk = np.sort(np.concatenate([np.arange(0.125, 2, 0.5), np.arange(350.125, 360, 0.5)]))
     is_global, shift = longitude_layout(uk)

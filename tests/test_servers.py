@@ -10,6 +10,7 @@ started here and stopped by its PID.
 - stopping the stack with a flow run in flight: everything exits within seconds and no MLflow run
   or Prefect flow run is left RUNNING.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ import pytest
 import yaml
 
 from checks import check_classification_method_recorded, runs_by_role
-from conftest import REPO
+from conftest import REPO, copy_checkout
 from tasks.platform import services as sv
 
 pytestmark = pytest.mark.servers
@@ -54,12 +55,7 @@ def repo(workdir):
     """A git repository (branch main) of this checkout with small CI budgets in params.yaml and one
     scheduled deployment, its digits data produced by DVC and pushed to a local DVC remote."""
     root = workdir / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for f in filter(None, files):
-        if (REPO / f).is_file():
-            (root / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, root / f)
+    copy_checkout(root)
     params = yaml.safe_load((root / "params.yaml").read_text())
     for m in (METHOD_CLI, METHOD_DEPLOYED):
         params["methods"][m].update(seeds=[0, 1])
@@ -172,7 +168,8 @@ def test_each_server_refuses_anonymous_requests_and_accepts_its_credentials(stac
 
 
 def test_method_flow_records_into_the_mlflow_server_by_configuration_only(stack, repo, monkeypatch):
-    from tasks.common import dvc_lock_md5, hash_path
+    from tasks.platform.common import hash_path
+    from tasks.platform.lineage import dvc_lock_md5
     root, _ = repo
     env = client_env(stack)
     del env["PREFECT_API_URL"], env["PREFECT_API_AUTH_STRING"]  # the flow itself on Prefect's ephemeral API
@@ -205,7 +202,7 @@ def test_scheduled_and_manual_deployment_runs_complete_on_the_worker(stack, repo
     (root / "prefect.test.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     sh(["prefect", "--no-prompt", "deploy", "--all", "--prefect-file", "prefect.test.yaml"], root, env)
     deployed_at = datetime.now(timezone.utc)
-    sh(["prefect", "deployment", "run", f"distill-method/{name}"], root, env)
+    sh(["prefect", "deployment", "run", f"method/{name}"], root, env)
 
     deadline = time.monotonic() + 300  # each run takes ~1 min here; the scheduled one waits for the manual
     while time.monotonic() < deadline:
@@ -251,7 +248,7 @@ def test_stopping_the_stack_with_a_run_in_flight_leaves_nothing_running(stack, r
     import psycopg2
     root, _ = repo
     name = METHOD_DEPLOYED.replace("_", "-")
-    sh(["prefect", "deployment", "run", f"distill-method/{name}", "--param", "params_file=params_slow.yaml"],
+    sh(["prefect", "deployment", "run", f"method/{name}", "--param", "params_file=params_slow.yaml"],
        root, client_env(stack))
     client = mlflow_client(stack, monkeypatch)
     deadline = time.monotonic() + 180
@@ -281,19 +278,15 @@ def test_stopping_the_stack_with_a_run_in_flight_leaves_nothing_running(stack, r
     creds, state = stack["creds"], stack["state"]
     port = int(info["services"]["postgres"]["url"].rsplit(":", 1)[1])
     pg = sv.start_postgres(state / "postgres", port, creds.DISTILLERY_PG_PASSWORD)
+    def counts(db, sql):
+        with contextlib.closing(psycopg2.connect(host=sv.LOOPBACK, port=port, user=db, dbname=db,
+                                                 password=creds.DISTILLERY_PG_PASSWORD)) as conn:
+            cur = conn.cursor()
+            cur.execute(sql)
+            return dict(cur.fetchall())
     try:
-        conn = psycopg2.connect(host=sv.LOOPBACK, port=port, user="mlflow", password=creds.DISTILLERY_PG_PASSWORD,
-                                dbname="mlflow")
-        cur = conn.cursor()
-        cur.execute("SELECT status, count(*) FROM runs GROUP BY status")
-        statuses = dict(cur.fetchall())
-        conn.close()
-        conn = psycopg2.connect(host=sv.LOOPBACK, port=port, user="prefect", password=creds.DISTILLERY_PG_PASSWORD,
-                                dbname="prefect")
-        cur = conn.cursor()
-        cur.execute("SELECT state_type, count(*) FROM flow_run GROUP BY state_type")
-        flow_states = dict(cur.fetchall())
-        conn.close()
+        statuses = counts("mlflow", "SELECT status, count(*) FROM runs GROUP BY status")
+        flow_states = counts("prefect", "SELECT state_type, count(*) FROM flow_run GROUP BY state_type")
     finally:
         pg.stop()
     print("mlflow runs", statuses, "prefect flow runs", flow_states)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tasks import tracking
+from tasks.platform import tracking
 
 
 def logged_model(ctx, name="r"):

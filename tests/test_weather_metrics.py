@@ -7,7 +7,7 @@ import torch
 import xarray as xr
 import xskillscore as xs
 
-from tasks.weather_metrics import lat_weights, weighted_acc, weighted_rmse
+from tasks.kinds.forecast.metrics import lat_weights, weighted_acc, weighted_rmse
 
 LAT = np.linspace(90, -90, 19)   # 10° grid with poles, ERA5 order
 LON = np.arange(0, 360, 10.0)
@@ -62,3 +62,27 @@ def test_acc_matches_a_loop_and_its_closed_forms():
     assert weighted_acc(T(o), T(o), T(c), LAT) == pytest.approx(1.0)          # perfect forecast
     assert weighted_acc(T(2 * o - c), T(o), T(c), LAT) == pytest.approx(1.0)  # scaled anomalies
     assert weighted_acc(T(2 * c - o), T(o), T(c), LAT) == pytest.approx(-1.0) # opposite anomalies
+
+
+def test_lat_weights_accept_a_descending_numpy_view():
+    ascending = np.linspace(-90, 90, 19)
+    view = ascending[::-1]  # negative strides, as xarray hands out after a reversal
+    np.testing.assert_allclose(lat_weights(view).numpy(), lat_weights(LAT).numpy(), rtol=0, atol=0)
+    assert weighted_rmse(torch.ones(2, 19, 3), torch.zeros(2, 19, 3), view) == pytest.approx(1.0)
+
+
+def test_irregular_latitudes_get_the_area_of_the_band_halfway_to_each_neighbour():
+    lat = np.array([80.0, 60.0, 50.0, 10.0, -30.0])  # descending, uneven gaps
+    edges = [90.0, 70.0, 55.0, 30.0, -10.0, -50.0]   # halfway between rows; beyond the ends by half a gap
+    areas = [math.sin(math.radians(edges[i])) - math.sin(math.radians(edges[i + 1])) for i in range(5)]
+    np.testing.assert_allclose(lat_weights(lat).numpy(), np.array(areas) / np.mean(areas), rtol=1e-12)
+    # the order of the rows does not matter
+    np.testing.assert_allclose(lat_weights(lat[::-1].copy()).numpy(), (np.array(areas) / np.mean(areas))[::-1], rtol=1e-12)
+
+
+def test_a_regional_grid_weighted_mean_is_the_area_weighted_mean_over_the_region():
+    lat = np.arange(61.0, 49.0, -0.5)  # a UK-like box, 0.5°
+    field = torch.tensor(np.random.default_rng(3).normal(size=(1, len(lat), 4)))
+    areas = np.array([math.sin(math.radians(p + 0.25)) - math.sin(math.radians(p - 0.25)) for p in lat])
+    expected = (field[0].numpy() ** 2 * areas[:, None]).sum() / (areas.sum() * 4)
+    assert weighted_rmse(field, torch.zeros_like(field), lat) ** 2 == pytest.approx(expected, rel=1e-12)

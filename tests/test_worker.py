@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-import models
 from conftest import REPO
 from flows import deploy, worker
-from tasks.common import StageError
+from tasks.methods import list_methods
 from tasks.platform import dvc_remote, services
-from tasks.tracking import artifact_location, redact
+from tasks.platform.common import StageError
+from tasks.platform.tracking import artifact_location, redact
 
 GOOD = {"DISTILLERY_REPO_URL": "file:///srv/distillery", "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
 
@@ -123,7 +123,7 @@ def test_every_method_has_one_valid_deployment_with_the_worker_pull_steps():
             CronSchedule(cron=s["cron"], timezone=s["timezone"])
             crons.add(s["cron"])
         assert d["work_pool"]["name"] == "gpu" and d["concurrency_limit"] == 1
-    assert sorted(d["parameters"]["method"] for d in cfg["deployments"]) == models.list_methods()
+    assert sorted(d["parameters"]["method"] for d in cfg["deployments"]) == list_methods()
     assert len(crons) == len(cfg["deployments"])  # staggered: no two methods start together
 
 

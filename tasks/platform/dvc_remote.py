@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..common import StageError
+from .common import StageError
 
 REMOTE_ENV = "DISTILLERY_DVC_REMOTE"
 

@@ -345,23 +345,30 @@ def start_mlflow(state_dir: Path, port: int, backend_uri: str, creds: Credential
 # ---------------------------------------------------------------------------------------------------
 # Prefect server and worker
 
-def start_prefect(state_dir: Path, port: int, creds: Credentials, database_url: str | None = None,
-                  host: str = LOOPBACK, extra_env: dict[str, str] | None = None, timeout: float = 180.0) -> Service:
-    """`prefect server start` with its API auth string, on `database_url` (PostgreSQL via asyncpg;
-    default SQLite under `state_dir`)."""
+def start_prefect(state_dir: Path, port: int, creds: Credentials | None, database_url: str | None = None,
+                  host: str = LOOPBACK, extra_env: dict[str, str] | None = None, services: bool = True,
+                  home: Path | None = None, timeout: float = 180.0) -> Service:
+    """`prefect server start` on `database_url` (PostgreSQL via asyncpg; default SQLite in its home,
+    `state_dir/prefect-server` unless `home` says otherwise), with its API auth string when `creds`
+    are given, and without the scheduler and other services when `services` is False."""
     state_dir = Path(state_dir).resolve()
-    env = base_env(PREFECT_HOME=str(state_dir / "prefect-server"),
-                   PREFECT_SERVER_API_AUTH_STRING=creds.PREFECT_API_AUTH_STRING,
-                   PREFECT_API_AUTH_STRING=creds.PREFECT_API_AUTH_STRING, **(extra_env or {}))
+    env = base_env(PREFECT_HOME=str(home or state_dir / "prefect-server"), **(extra_env or {}))
+    login = None
+    if creds is not None:
+        env.update(PREFECT_SERVER_API_AUTH_STRING=creds.PREFECT_API_AUTH_STRING,
+                   PREFECT_API_AUTH_STRING=creds.PREFECT_API_AUTH_STRING)
+        user, _, pw = creds.PREFECT_API_AUTH_STRING.partition(":")
+        login = (user, pw)
     if database_url:
         env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
     cmd = [bin_path("prefect"), "server", "start", "--host", host, "--port", str(port), "--no-ui"]
+    if not services:
+        cmd.append("--no-services")
     url = f"http://{host}:{port}/api"
     svc = Service("prefect", spawn("prefect", cmd, state_dir / "prefect.log", env), url=url,
                   log=state_dir / "prefect.log")
-    user, _, pw = creds.PREFECT_API_AUTH_STRING.partition(":")
-    wait_until(lambda: http_status(f"{url}/health", (user, pw)) == 200
-               and http_status(f"{url}/ready", (user, pw)) == 200, svc, timeout)
+    wait_until(lambda: http_status(f"{url}/health", login) == 200 and http_status(f"{url}/ready", login) == 200,
+               svc, timeout)
     svc.pids = _tree(svc.pid)
     return svc
 

@@ -1,0 +1,259 @@
+"""params.yaml, validated by one typed schema when it is read.
+
+Every entry point reads its parameters through `load_params`, so a wrong value fails in a second with
+one line naming the file and the key path, before anything trains or any MLflow run opens:
+
+    params.yaml: methods.hinton_kd.teacher.lr: must be > 0, got -0.003
+
+The stage sections keep their own defaults in the stage code (`era5`, `era5_prepare`); the schema
+checks what is written. The method sections are typed configs the train loop reads directly.
+What needs the method registry (loss terms, claim roles, models) is checked by `tasks.methods.resolve`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .common import StageError
+
+PARAMS_FILE = "params.yaml"
+PROFILED = ("era5", "era5_prepare")   # sections with one entry per profile (`era5_profiles`)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# methods
+
+class TrainParams(Section):
+    """How one role trains: `methods.<m>.teacher` / `methods.<m>.student`."""
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)           # sgd only
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)                  # linear warm-up before the schedule
+    grad_clip: Optional[float] = Field(None, gt=0)      # max global grad norm; None: no clipping
+    # "bf16": training forward passes under torch.autocast in bfloat16, as the full profile trains on
+    # GPU workers; weights, gradients, optimizer state and validation stay float32
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # a frozen teacher's outputs computed once per training sample and reused every epoch: only
+    # valid when a sample's input is the same every epoch (no augmentation)
+    cache_teacher: bool = False
+    checkpoint_every: int = Field(0, ge=0)              # optimizer steps between checkpoints; 0: none
+    model: dict[str, Any] = Field(default_factory=dict)  # kwargs of the model entrypoint
+
+
+class MethodParams(Section):
+    """`methods.<name>`: one method's data, seeds and budgets."""
+    kind: str                      # the kind that runs it; with `models`, picks its code for DVC (dvc.yaml)
+    models: str                    # the models/ family of its teacher and student, e.g. vision
+    data: str                      # the prepared data (an output of a DVC stage)
+    seeds: list[int] = Field(min_length=1)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    teacher: TrainParams
+    student: Optional[TrainParams] = None
+    loss: dict[str, dict[str, Any]] = Field(default_factory=dict)   # overrides of the declared loss terms
+    eval_leads: Optional[list[int]] = None                          # forecast: lead hours scored
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise ValueError(f"must be distinct non-negative integers, got {seeds}")
+        return seeds
+
+    @field_validator("eval_leads")
+    @classmethod
+    def _positive(cls, leads: Optional[list[int]]) -> Optional[list[int]]:
+        if leads is not None and (not leads or min(leads) <= 0):
+            raise ValueError(f"must be positive lead hours, got {leads}")
+        return leads
+
+
+# ---------------------------------------------------------------------------------------------------
+# stages
+
+class TrackingParams(Section):
+    tracking_uri: str = "sqlite:///mlflow.db"   # MLFLOW_TRACKING_URI takes precedence
+    artifact_root: str = "mlartifacts"
+
+
+class DigitsSplit(Section):
+    val: float = Field(gt=0, lt=1)
+    test: float = Field(gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _room_for_train(self) -> "DigitsSplit":
+        if self.val + self.test >= 1:
+            raise ValueError(f"val + test must be < 1, got {self.val} + {self.test}")
+        return self
+
+
+class DigitsParams(Section):
+    source: str
+    split: DigitsSplit
+    seed: int = Field(ge=0)
+
+
+class SyntheticParams(Section):
+    grid_deg: Optional[float] = Field(None, gt=0)
+    seed: Optional[int] = Field(None, ge=0)
+
+
+class ArcoParams(Section):
+    url: Optional[str] = None
+    storage_options: Optional[dict[str, Any]] = None
+    area: Optional[list[float]] = Field(None, min_length=4, max_length=4)
+    chunks: Optional[dict[str, int]] = None
+
+
+class CdsParams(Section):
+    area: Optional[list[float]] = Field(None, min_length=4, max_length=4)
+    data_format: Optional[Literal["netcdf", "grib"]] = None
+    ensemble_member: Union[int, Literal["mean", "all"], None] = None
+
+
+class FilesParams(Section):
+    paths: list[str] = Field(min_length=1)
+    ensemble_member: Union[int, Literal["mean", "all"], None] = None
+
+
+class Era5Params(Section):
+    """`era5.<profile>`: the download stage."""
+    source: Literal["synthetic", "arco", "cds", "files"]
+    start: Union[str, date, datetime, None] = None   # YAML reads an unquoted 2020-01-01 as a date
+    end: Union[str, date, datetime, None] = None
+    n_days: Optional[Union[int, float]] = Field(None, gt=0)
+    step_hours: Optional[int] = Field(None, gt=0)
+    levels: Optional[list[Union[int, float]]] = None   # ints stay ints: they name coordinates
+    variables: Optional[list[str]] = None
+    synthetic: Optional[SyntheticParams] = None
+    arco: Optional[ArcoParams] = None
+    cds: Optional[CdsParams] = None
+    files: Optional[FilesParams] = None
+
+    @model_validator(mode="after")
+    def _source_section(self) -> "Era5Params":
+        if self.source == "files" and self.files is None:
+            raise ValueError("source files needs a `files:` section with `paths`")
+        if self.source != "files" and not (self.start and (self.n_days or self.end)):
+            raise ValueError(f"source {self.source} needs `start` and `n_days` or `end`")
+        return self
+
+
+class Era5PrepareParams(Section):
+    """`era5_prepare.<profile>`: the preparation stage."""
+    variables: Optional[list[str]] = None
+    levels: Optional[list[Union[int, float]]] = None   # ints stay ints: they name coordinates
+    grid_deg: Optional[float] = Field(None, gt=0)   # None: keep the source grid
+    split: Optional[dict[str, Any]] = None
+    max_lead_hours: Optional[int] = Field(None, gt=0)
+    embargo_hours: Optional[int] = Field(None, ge=0)
+    dask: Union[Literal["auto"], bool, None] = None
+    dask_above_mb: Optional[float] = Field(None, gt=0)
+
+
+class Params(Section):
+    tracking: TrackingParams = TrackingParams()
+    digits: Optional[DigitsParams] = None
+    era5_profiles: list[str] = Field(default_factory=list)
+    era5: dict[str, Era5Params] = Field(default_factory=dict)
+    era5_prepare: dict[str, Era5PrepareParams] = Field(default_factory=dict)
+    methods: dict[str, MethodParams] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _profiles_exist(self) -> "Params":
+        for profile in self.era5_profiles:
+            for section in ("era5", "era5_prepare"):
+                if profile not in getattr(self, section):
+                    raise ValueError(f"profile {profile!r} has no section {section}.{profile}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading
+
+def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
+    """Reads and validates the whole file; StageError naming the file and the first bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(path, "params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise StageError(path, f"not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise StageError(path, f"expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise StageError(path, describe(e.errors()[0])) from None
+
+
+def stage_params(section: str, profile: str | None = None, path: str | os.PathLike = PARAMS_FILE) -> dict[str, Any]:
+    """A stage's section (`<section>` or `<section>.<profile>`) as written, after validation."""
+    params = load_params(path)
+    value = getattr(params, section, None)
+    if profile is None and section in PROFILED:
+        raise StageError("command line", f"--profile NAME is required: {section} has one section per profile")
+    if profile is not None:
+        if not isinstance(value, dict) or profile not in value:
+            raise StageError(path, f"{section}: no profile {profile!r}; profiles: {sorted(value or {})}")
+        value = value[profile]
+    if value is None:
+        raise StageError(path, f"has no section {section!r}")
+    return value.model_dump(exclude_unset=True) if isinstance(value, BaseModel) else value
+
+
+def pop_profile(argv: list[str]) -> tuple[str | None, list[str]]:
+    """`--profile NAME` from a stage's arguments: (NAME or None, the other arguments)."""
+    if "--profile" not in argv:
+        return None, argv
+    i = argv.index("--profile")
+    if i + 1 >= len(argv):
+        raise StageError("command line", "--profile needs a name")
+    return argv[i + 1], argv[:i] + argv[i + 2:]
+
+
+@contextlib.contextmanager
+def naming_profile(section: str, profile: str | None) -> Iterator[None]:
+    """Stage code names params keys as `<section>.<key>`; with a profile the key is
+    `<section>.<profile>.<key>`, and that is what an error must say."""
+    try:
+        yield
+    except StageError as e:
+        if profile and e.path == PARAMS_FILE and e.problem.startswith(section) \
+                and not e.problem.startswith(f"{section}.{profile}"):
+            raise StageError(e.path, f"{section}.{profile}{e.problem[len(section):]}") from None
+        raise
+
+
+def describe(error: dict[str, Any]) -> str:
+    """One pydantic error as `key.path: what is wrong, got <value>`."""
+    where = ".".join(str(p) for p in error["loc"])
+    kind, ctx, got = error["type"], error.get("ctx") or {}, error.get("input")
+    num = lambda v: f"{v:g}" if isinstance(v, (int, float)) else str(v)
+    messages = {
+        "greater_than": f"must be > {num(ctx.get('gt'))}", "greater_than_equal": f"must be >= {num(ctx.get('ge'))}",
+        "less_than": f"must be < {num(ctx.get('lt'))}", "less_than_equal": f"must be <= {num(ctx.get('le'))}",
+        "missing": "required, missing", "extra_forbidden": "unknown key",
+        "literal_error": f"must be one of {ctx.get('expected')}",
+        "too_short": f"needs at least {ctx.get('min_length')} item(s)",
+        "string_pattern_mismatch": f"must match {ctx.get('pattern')}",
+    }
+    message = messages.get(kind) or str(ctx.get("error") or error["msg"]).removeprefix("Value error, ")
+    message = message[0].lower() + message[1:] if message else message
+    if kind in ("missing", "extra_forbidden", "value_error") or isinstance(got, dict):
+        return f"{where or 'top level'}: {message}"
+    return f"{where}: {message}, got {got!r}"

@@ -1,0 +1,50 @@
+"""Scoring: every evaluated model, loaded back from MLflow (so what is scored is what was logged), and
+every non-learned baseline of the kind, on the held-out test split."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..kinds import get_kind
+from ..methods import MethodSpec
+from ..platform import tracking
+from ..platform.params import MethodParams
+from .train_role import TrainedModel
+
+
+def evaluate(spec: MethodSpec, mp: MethodParams, data_dir: str, trained: list[TrainedModel],
+             ctx: tracking.RunContext) -> list[dict[str, Any]]:
+    """One evaluation per model and baseline: {role, seed, run_id, metrics}; each model's run gets
+    `test_<metric>`, and each baseline a run of its own that holds its metrics."""
+    kind = get_kind(spec.kind)
+    data = kind.load(data_dir)
+    evaluations = []
+
+    def record(role: str, seed: int, run_id: str, predict: Any) -> None:
+        metrics = kind.test_metrics(predict, data, mp)
+        tracking.log_metrics(run_id, {f"test_{k}": v for k, v in metrics.items()}, ctx)
+        evaluations.append({"role": role, "seed": seed, "run_id": run_id, "metrics": metrics})
+
+    for tm in sorted(trained, key=lambda t: (t.role, t.seed)):
+        record(tm.role, tm.seed, tm.run_id, kind.predictor(tracking.load_model(tm.model_uri, ctx), data))
+    for role, predict in kind.baselines(spec, data).items():
+        with tracking.run(ctx, role, tags={"method": spec.name, "role": role, "seed": 0}) as run_id:
+            pass
+        record(role, 0, run_id, predict)
+    return evaluations
+
+
+def log_report_figures(spec: MethodSpec, mp: MethodParams, data_dir: str, evaluations: list[dict[str, Any]],
+                       teacher: TrainedModel, ctx: tracking.RunContext) -> list[str]:
+    """The kind's figures of the whole method (e.g. RMSE against lead time, forecast maps) on the
+    parent run; returns their artifact names."""
+    kind = get_kind(spec.kind)
+    figures_of = getattr(kind, "report_figures", None)
+    if figures_of is None:
+        return []
+    import matplotlib.pyplot as plt
+    data = kind.load(data_dir)
+    figures = figures_of(evaluations, data, tracking.load_model(teacher.model_uri, ctx), mp)
+    for name, fig in figures.items():
+        tracking.log_figure(ctx.parent_run_id, fig, name, ctx)
+        plt.close(fig)
+    return list(figures)

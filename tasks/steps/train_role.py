@@ -1,0 +1,139 @@
+"""Training steps: one (role, unit, seed) job as an MLflow run, and trained units composed into the model
+a role is evaluated as.
+
+Roles: `teacher` (teacher model, targets alone), `student_labels` (student, targets alone) and
+`student_kd` (student, the method's loss against the teacher). The kind says what a unit is, how
+its data, model and validation look and how units compose; the loop is `tasks.train.loop.fit`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.distill import DistillationLoss
+
+from ..kinds import Unit, get_kind
+from ..methods import MethodSpec, loss_terms
+from ..platform import tracking
+from ..platform.params import MethodParams, TrainParams
+from ..train.checkpoint import Checkpointer
+from ..train.loop import fit
+from ..train.parallel import SINGLE, Parallel
+
+log = logging.getLogger(__name__)
+CHECKPOINT_DIR = os.environ.get("DISTILLERY_CHECKPOINTS", ".checkpoints")
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """What later steps need of a trained model: where it is logged and how it did on validation."""
+    role: str
+    seed: int
+    run_id: str
+    model_uri: str
+    val_score: float
+    val_higher_is_better: bool = True  # an accuracy for classifiers, a loss for forecasters
+    unit: Unit = None
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`DISTILLERY_DEVICE` (a worker's setting) over the method's `device` param; auto = CUDA if present."""
+    name = os.environ.get("DISTILLERY_DEVICE") or name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_name(role: str, unit_name: str, seed: int) -> str:
+    return f"{role}-{unit_name}-seed{seed}" if unit_name else f"{role}-seed{seed}"
+
+
+def checkpoint_path(spec: MethodSpec, name: str, job: dict[str, Any]) -> Path:
+    """One file per job *and* configuration, so a resume never continues a different job."""
+    key = hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return Path(CHECKPOINT_DIR) / spec.name / f"{name}-{key}.pt"
+
+
+def role_params(mp: MethodParams, role: str) -> dict[str, Any]:
+    """The part of a method's params one role's training depends on (and so its cache key): a change
+    on the student side leaves the teacher's training, and its cached result, untouched."""
+    return {"tp": mp.teacher if role == "teacher" else mp.student, "device": mp.device,
+            "loss": mp.loss if role == "student_kd" else {}}
+
+
+def train_unit(spec: MethodSpec, role: str, unit: Unit, seed: int, tp: TrainParams, device: str,
+               loss: dict[str, dict[str, Any]], data_dir: str, ctx: tracking.RunContext,
+               teacher: TrainedModel | None = None, teacher_version: str | None = None,
+               parallel: Parallel = SINGLE) -> TrainedModel:
+    """Trains one unit of one role for one seed with `tp` (see `role_params`) and records it as an
+    MLflow run; a distilled student learns from `teacher` with the declared loss and `loss` on top."""
+    kind = get_kind(spec.kind)
+    side = "teacher" if role == "teacher" else "student"
+    distilled = role == "student_kd"
+    terms = loss_terms(spec, loss) if distilled else kind.labels_loss
+    model_name = spec.teacher if side == "teacher" else spec.student
+    device = resolve_device(device)
+    data = kind.load(data_dir)
+
+    torch.manual_seed(seed)
+    model = kind.build(spec, side, data, tp)
+    criterion = DistillationLoss(terms)
+    teacher_model = tracking.load_model(teacher.model_uri, ctx) if distilled else None
+
+    unit_name = kind.unit_name(unit)
+    name = run_name(role, unit_name, seed)
+    tags = {"method": spec.name, "role": role, "seed": seed, "model": model_name, "device": str(device)}
+    if unit_name:
+        tags["unit"] = unit_name
+    if distilled:
+        tags.update(teacher_run_id=teacher.run_id, teacher_model_uri=teacher.model_uri,
+                    teacher_model_version=teacher_version)
+    run_params = {"model": model_name, "seed": seed, "train": tp.model_dump(), "loss": terms,
+                  "n_params": sum(p.numel() for p in model.parameters()), "device": str(device)}
+    if unit_name:
+        run_params["unit"] = unit_name
+    checkpointer = Checkpointer(checkpoint_path(spec, name, {**run_params, "data": ctx.lineage.get("data_sha256"),
+                                                             "teacher": teacher and teacher.run_id}),
+                                tp.checkpoint_every)
+    with tracking.run(ctx, name, tags=tags, params=run_params) as run_id:
+        log.info("%s/%s seed %d on %s", spec.name, name, seed, device)  # never a silent CPU fallback
+        epoch_logger = tracking.EpochLogger(run_id, ctx)
+        history = fit(model, criterion, kind.train_set(data, unit), tp, seed=seed, forward=kind.forward,
+                      validate=lambda m: kind.validate(m, data, unit, device), device=device,
+                      teacher=teacher_model, taps=spec.feature_taps if distilled else None,
+                      cache_batch=kind.cache_batch, parallel=parallel, checkpoint=checkpointer,
+                      on_epoch=epoch_logger)
+        epoch_logger.close()
+        tracking.log_learning_curve(history, " · ".join(filter(None, (spec.name, role, unit_name, f"seed {seed}"))))
+        model_uri = tracking.log_model(model, kind.input_example(data))
+    checkpointer.clear()
+    return TrainedModel(role=role, seed=seed, run_id=run_id, model_uri=model_uri, unit=unit,
+                        val_score=history[-1][kind.val_key], val_higher_is_better=kind.val_higher_is_better)
+
+
+def compose(spec: MethodSpec, role: str, seed: int, members: dict[Unit, TrainedModel],
+            ctx: tracking.RunContext) -> TrainedModel:
+    """The model `role` is evaluated as: the single trained unit itself, or (a forecast) the units
+    loaded back from MLflow and logged as one model in a run that names its members."""
+    kind = get_kind(spec.kind)
+    if not kind.composes:
+        (only,) = members.values()
+        return only
+    model = kind.compose({unit: tracking.load_model(tm.model_uri, ctx) for unit, tm in members.items()})
+    names = {unit: kind.unit_name(unit) for unit in members}
+    tags = {"method": spec.name, "role": role, "seed": seed, "units": ",".join(names[u] for u in sorted(members)),
+            **{f"member_{names[u]}_run_id": tm.run_id for u, tm in members.items()}}
+    with tracking.run(ctx, f"{role}-composed-seed{seed}", tags=tags) as run_id:
+        uri = tracking.log_model(model, None)
+    first = next(iter(members.values()))
+    return TrainedModel(role=role, seed=seed, run_id=run_id, model_uri=uri,
+                        val_score=float(np.mean([tm.val_score for tm in members.values()])),
+                        val_higher_is_better=first.val_higher_is_better)

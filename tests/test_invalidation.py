@@ -1,0 +1,104 @@
+"""Narrow invalidation: every DVC stage depends on exactly the code it runs, and a method's Prefect cache
+key hashes the same files. (tests/test_e2e.py checks the consequence on a real pipeline: adding a
+method or editing models/weather.py leaves the other stages up to date.)"""
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO
+from tasks.platform.lineage import code_hash, method_code_paths, training_code_paths
+
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def stage_deps(name):
+    """The deps DVC resolves for a stage (foreach items expanded by DVC itself)."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+    with Repo(str(REPO)) as repo:
+        (stage,) = repo.stage.collect(name)
+        return {str(d.def_path) for d in stage.deps if not isinstance(d, ParamsDependency)}
+
+
+def imported_project_files(code):
+    """Project files a fresh interpreter has loaded after running `code`."""
+    probe = code + "\nimport sys, json\nprint(json.dumps(sorted({m.__file__ for m in list(sys.modules.values()) " \
+                   "if getattr(m, '__file__', None) and m.__file__.startswith(" + repr(str(REPO)) + ")})))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    files = json.loads(out.stdout.strip().splitlines()[-1])
+    return {str(__import__("pathlib").Path(f).relative_to(REPO)) for f in files}
+
+
+def covered(files, deps):
+    """The files not under any dep path; empty package __init__ files need no dep."""
+    def empty_init(f):
+        return f.endswith("__init__.py") and not (REPO / f).read_text().strip().strip('"').strip()
+    return sorted(f for f in files if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)
+                  and not empty_init(f) and f != "tasks/__init__.py")
+
+
+@pytest.mark.parametrize("method", sorted(PARAMS["methods"]))
+def test_a_methods_stage_depends_on_exactly_its_code(method):
+    mp = PARAMS["methods"][method]
+    assert stage_deps(f"train@{method}") == {mp["data"], *method_code_paths(method, mp["kind"], mp["models"])}
+
+
+@pytest.mark.parametrize("method", sorted(PARAMS["methods"]))
+def test_everything_a_method_imports_is_among_its_deps(method):
+    mp = PARAMS["methods"][method]
+    files = imported_project_files(
+        "import flows.method, tasks.platform.dvc_remote\n"
+        "from tasks.methods import resolve\nfrom tasks.kinds import get_kind\n"
+        f"spec, mp, _ = resolve({method!r})\nget_kind(spec.kind)")
+    assert covered(files, method_code_paths(method, mp["kind"], mp["models"])) == []
+    # and nothing of another kind or model family
+    other_kind = {"classification": "forecast", "forecast": "classification"}[mp["kind"]]
+    assert not any(f.startswith(f"tasks/kinds/{other_kind}") for f in files)
+    assert not any(f.startswith("models/") and f.removeprefix("models/").removesuffix(".py")
+                   not in ("__init__", "registry", "distill", mp["models"]) for f in files)
+
+
+@pytest.mark.parametrize("stage,module", [("digits", "tasks.stages.digits"),
+                                          ("era5_download@default", "tasks.stages.era5_download"),
+                                          ("era5_prepare@default", "tasks.stages.era5_prepare")])
+def test_a_data_stage_depends_on_what_it_imports_and_no_training_code(stage, module):
+    files = imported_project_files(f"import {module}\nimport tasks.stages.era5_synthetic" if "download" in module
+                                   else f"import {module}")
+    deps = stage_deps(stage)
+    assert covered(files, deps) == []
+    assert not any(f.startswith(("tasks/train", "tasks/steps", "flows/", "models/")) for f in files)
+
+
+def test_the_cache_key_hashes_the_training_code_and_changes_with_it(tmp_path):
+    import shutil
+    for rel in ("flows", "tasks", "models"):
+        shutil.copytree(REPO / rel, tmp_path / rel, ignore=shutil.ignore_patterns("__pycache__"))
+    digits = tuple(training_code_paths("classification", "vision"))
+    pangu = tuple(training_code_paths("forecast", "weather"))
+    assert set(method_code_paths("pangu", "forecast", "weather")) - set(pangu) == {"tasks/methods/pangu.py"}
+    before = code_hash(digits, str(tmp_path)), code_hash(pangu, str(tmp_path))
+    with open(tmp_path / "models" / "weather.py", "a") as fh:
+        fh.write("\n# an edit\n")
+    code_hash.cache_clear()
+    after = code_hash(digits, str(tmp_path)), code_hash(pangu, str(tmp_path))
+    assert after[0] == before[0] and after[1] != before[1]
+
+
+def test_methods_with_the_same_teacher_share_its_training():
+    from types import SimpleNamespace
+
+    from flows.steps import _training_identity
+    from tasks.methods import get_method
+    ctx = SimpleNamespace(store_id="sqlite:////x/mlflow.db@1")
+    key = lambda method, role: _training_identity(None, {"spec": get_method(method), "role": role, "ctx": ctx})
+    assert key("pangu", "teacher") == key("pangu_hta", "teacher") == key("pangu_student", "teacher")
+    assert key("hinton_kd", "teacher") == key("fitnet_hint", "teacher")
+    assert key("hinton_kd", "student_labels") == key("fitnet_hint", "student_labels")
+    assert key("hinton_kd", "student_kd") != key("fitnet_hint", "student_kd")  # their losses differ
+    assert key("pangu", "teacher") != key("hinton_kd", "teacher")
+    other_store = SimpleNamespace(store_id="sqlite:////y/mlflow.db@2")
+    assert key("pangu", "teacher") != _training_identity(None, {"spec": get_method("pangu"), "role": "teacher",
+                                                                "ctx": other_store})
