@@ -17,13 +17,12 @@ roles that no step produces. `resolve` checks a method's params block against it
 from __future__ import annotations
 
 import importlib
-import operator
 import os
 import pkgutil
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from models import create_model, is_model, model_family
 from models.distill import create_loss, list_losses
@@ -40,9 +39,7 @@ TRAINED_BASELINES = ("student_labels",)  # the student on targets alone, same bu
 # ---------------------------------------------------------------------------------------------------
 # claims
 
-_OPS: dict[str, Callable[[float, float], bool]] = {
-    ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt,
-}
+_OPS = (">=", "<=", ">", "<")
 _IDENT = r"([A-Za-z_]\w*)"
 _CLAIM_RE = re.compile(rf"^\s*{_IDENT}\.{_IDENT}\s*(>=|<=|>|<)\s*{_IDENT}\.{_IDENT}\s*$")
 
@@ -82,9 +79,6 @@ class Claim:
     @property
     def strict(self) -> bool:
         return self.op in (">", "<")
-
-    def holds(self, left: float, right: float) -> bool:
-        return _OPS[self.op](left, right)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -56,10 +56,11 @@ def run_name(role: str, unit_name: str, seed: int) -> str:
     return f"{role}-{unit_name}-seed{seed}" if unit_name else f"{role}-seed{seed}"
 
 
-def checkpoint_path(spec: MethodSpec, name: str, job: dict[str, Any]) -> Path:
-    """One file per job *and* configuration, so a resume never continues a different job."""
+def checkpoint_path(name: str, job: dict[str, Any]) -> Path:
+    """One file per training *and* configuration (not per method: methods share trainings), so a
+    resume never continues a different job."""
     key = hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return Path(CHECKPOINT_DIR) / spec.name / f"{name}-{key}.pt"
+    return Path(CHECKPOINT_DIR) / f"{name}-{key}.pt"
 
 
 def role_params(mp: MethodParams, role: str) -> dict[str, Any]:
@@ -100,7 +101,7 @@ def train_unit(spec: MethodSpec, role: str, unit: Unit, seed: int, tp: TrainPara
                   "n_params": sum(p.numel() for p in model.parameters()), "device": str(device)}
     if unit_name:
         run_params["unit"] = unit_name
-    checkpointer = Checkpointer(checkpoint_path(spec, name, {**run_params, "data": ctx.lineage.get("data_sha256"),
+    checkpointer = Checkpointer(checkpoint_path(name, {**run_params, "data": ctx.lineage.get("data_sha256"),
                                                              "teacher": teacher and teacher.run_id}),
                                 tp.checkpoint_every)
     with tracking.run(ctx, name, tags=tags, params=run_params) as run_id:
