@@ -49,7 +49,7 @@ PULL = [
 
 
 def cadence(kind: str) -> str:
-    return getattr(get_kind(kind), "cadence", "nightly")
+    return get_kind(kind).cadence
 
 
 def deployment(method: str, slot: int) -> dict:

@@ -49,6 +49,7 @@ class Kind(Protocol):
     val_key: str                             # the validation metric that picks models
     val_higher_is_better: bool
     composes: bool                           # units compose into one model (else one unit per role)
+    cadence: str                             # "nightly" or "weekly": its deployments' schedules
 
     def load(self, data_dir: str, validate: bool = False) -> Any: ...
     def units(self, spec: Any, role: str) -> list[Unit]: ...
