@@ -32,15 +32,19 @@ from .runtime import deployment_settings, in_deployment, local_run_settings
 
 
 @flow(name="method", log_prints=True)
-def method_flow(method: str, params_file: str = "params.yaml", report_path: str | None = None) -> dict[str, Any]:
+def method_flow(method: str, params_file: str = "params.yaml", report_path: str | None = None,
+                data_hash: str | None = None) -> dict[str, Any]:
+    """`data_hash`: the hash of inputs the caller has validated already (`main` does, before Prefect
+    starts); None validates them here, after a `dvc pull` when a worker runs the flow."""
     spec, mp, params = resolve(method, params_file)
     kind = get_kind(spec.kind)
     jobs = plan(spec, mp.seeds, lambda role: kind.units(spec, role), kind.compositions(spec))
     code = code_hash(tuple(training_code_paths(mp.kind, mp.models)))
 
-    if in_deployment():  # a worker's fresh clone has dvc.lock but no data
-        s.pull_data(mp.data)
-    data_hash = s.validate_inputs(spec.kind, mp.data)
+    if data_hash is None:
+        if in_deployment():  # a worker's fresh clone has dvc.lock but no data
+            s.pull_data(mp.data)
+        data_hash = s.validate_inputs(spec.kind, mp.data)
     lineage = run_lineage(mp.data, data_hash)
     ctx = s.open_experiment(spec.name, deployment_settings(params), lineage)
 
@@ -89,9 +93,11 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--report", default=None, help="default: metrics/<method>.json")
     args = ap.parse_args(argv)
-    resolve(args.method, args.params)  # a params or declaration mistake fails here, before Prefect starts
+    # a params, declaration or input mistake fails here, in one line, before Prefect or MLflow start
+    spec, mp, _ = resolve(args.method, args.params)
+    data_hash = s.validate_inputs.fn(spec.kind, mp.data)
     with local_run_settings():
-        method_flow(args.method, args.params, args.report or f"metrics/{args.method}.json")
+        method_flow(args.method, args.params, args.report or f"metrics/{args.method}.json", data_hash)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ import pytest
 import xarray as xr
 import yaml
 
-from conftest import REPO, SHARED, shared_file
+from conftest import REPO, shared_file
 from tasks.kinds.forecast import schema
 from tasks.platform.common import StageError
-from tasks.stages import era5_download as era5, era5_prepare as prep, era5_synthetic
+from tasks.stages import era5_download as era5, era5_harmonise as harm, era5_prepare as prep, era5_synthetic
 
 UK_GRIB = "era5/xarray-data/era5-2mt-2019-03-uk.grib"
 DEFAULT_ERA5 = {"source": "synthetic", "start": "2020-01-01T00:00", "n_days": 30, "step_hours": 1,
@@ -31,9 +31,11 @@ def small_raw(path, days=4, step=1, grid=22.5, levels=(850, 500), variables=("z"
     times = pd.date_range("2020-01-01", periods=days * 24 // step, freq=f"{step}h")
     ds = era5_synthetic.generate(times, grid, list(levels), list(variables), seed)
     ds = ds.assign_attrs(source="synthetic")
-    if mutate is not None:
+    if mutate is None:
+        era5.write_store(ds, path, "small_raw")
+    else:  # a faulty store as another tool (or an older version of the download stage) might write it
         ds = mutate(ds)
-    era5.write_store(ds, path)
+        ds.to_zarr(path, mode="w", consolidated=False)
     return ds
 
 
@@ -70,7 +72,7 @@ def da(values, units, dims=("time",)):
     ("v", -3.0, "m/s", -3.0),
 ])
 def test_unit_conversions_match_hand_computed_values(var, value, units, expected):
-    out = prep.convert_units(da([value], units), var, "raw.zarr")
+    out = harm.convert_units(da([value], units), var, "raw.zarr")
     assert out.dtype == np.float32 and out.attrs["units"] == schema.VARIABLES[var].units
     np.testing.assert_allclose(out.values, [expected], rtol=1e-6)
 
@@ -80,7 +82,7 @@ def test_unknown_units_are_an_error(units):
     attrs = {} if units is None else {"units": units}
     arr = xr.DataArray(np.zeros(2, np.float32), dims=("time",), attrs=attrs)
     with pytest.raises(StageError, match="wrong units") as e:
-        prep.convert_units(arr, "t2m", "raw.zarr")
+        harm.convert_units(arr, "t2m", "raw.zarr")
     assert e.value.path == "raw.zarr"
 
 
@@ -103,13 +105,13 @@ def test_harmonise_maps_arco_cfgrib_and_cds_names():
                      {"valid_time": t, "pressure_level": ("pressure_level", [50000.0], {"units": "Pa"}),
                       "lat": lat, "lon": lon, "expver": ("valid_time", ["0001"] * 3)})
     for ds in (arco, cfgrib, cds):
-        out = prep.harmonise(ds, "raw.zarr")
+        out = harm.harmonise(ds, "raw.zarr")
         assert set(out.data_vars) == {"z", "t2m"}  # d2m is not used: dropped
         assert out.z.dims == ("time", "level", "latitude", "longitude")
         assert out["level"].values.tolist() == [500]
         assert set(out.coords) == {"time", "level", "latitude", "longitude"}  # step, number, expver dropped
         np.testing.assert_array_equal(out["time"].values, t.values)
-    np.testing.assert_allclose(prep.harmonise(cfgrib, "r").z.values, 5000 * 9.80665, rtol=1e-6)
+    np.testing.assert_allclose(harm.harmonise(cfgrib, "r").z.values, 5000 * 9.80665, rtol=1e-6)
 
 
 def test_upper_and_surface_vars_in_canonical_order():

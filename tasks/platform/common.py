@@ -6,8 +6,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -24,13 +26,69 @@ class StageError(Exception):
 
 # ---------------------------------------------------------------------------------------------------
 # atomic outputs: a later stage must never see a half-written artefact
+#
+# A temporary output sits beside its destination as `.<name>.<pid>.<random>.tmp` and is renamed onto
+# it only when complete. An exception, SIGINT or SIGTERM (see `cli_main`) removes it; a SIGKILL or a
+# crash cannot, so the next writer of the same destination sweeps temporaries whose process is gone.
+
+def _temp_prefix(dest: Path) -> str:
+    return f".{dest.name}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def sweep_stale(dest: str | os.PathLike) -> list[Path]:
+    """Removes what interrupted writers of `dest` left beside it; returns what was removed.
+
+    `.<name>.<pid>.<random>.tmp` of a dead process goes (a live one may be another writer's). A
+    `.<name>.old` is the previous output, left when a writer died between its two renames: it is put
+    back when `dest` is missing, else removed."""
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        return []
+    removed = []
+    for tmp in dest.parent.glob(f".{glob_escape(dest.name)}.*.tmp"):
+        pid = tmp.name[len(dest.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and _pid_alive(int(pid)):
+            continue
+        _remove(tmp)
+        removed.append(tmp)
+    old = dest.with_name(f".{dest.name}.old")
+    if old.exists():
+        if dest.exists():
+            _remove(old)
+            removed.append(old)
+        else:
+            os.replace(old, dest)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
 
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `dest`; renames it onto `dest` only if the block succeeds."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    sweep_stale(dest)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -46,12 +104,14 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary directory beside `dest`; it replaces `dest` only if the block succeeds."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    sweep_stale(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o755)
         if dest.exists():
-            # two renames, so a reader sees the old or the new directory, never a mix
+            # two renames, so a reader sees the old or the new directory, never a mix; a writer
+            # killed between them leaves `.<name>.old`, which the next one puts back (sweep_stale)
             old = dest.with_name(f".{dest.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(dest, old)
@@ -89,10 +149,36 @@ def hash_path(path: str | os.PathLike) -> str:
 # ---------------------------------------------------------------------------------------------------
 # entry points
 
-def cli_main(fn: Callable[[list[str]], Any]) -> None:
-    """Runs a stage's main: a StageError becomes one line on stderr and exit status 1."""
+class Terminated(BaseException):
+    """SIGTERM as an exception, so that `finally` blocks (temporary outputs, open runs) run, as they
+    do for Ctrl-C. A BaseException, like KeyboardInterrupt, so `except Exception` does not swallow it."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def cli_main(fn: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
+    """Runs a stage's main: a StageError becomes one line on stderr and exit status 1; SIGTERM and
+    SIGINT clean up and exit 143 and 130 with one line."""
+    main_thread = threading.current_thread() is threading.main_thread()  # signal() works only there
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
-        fn(sys.argv[1:])
+        fn(sys.argv[1:] if argv is None else argv)
     except StageError as e:
         print(f"error: {e.path}: {e.problem}", file=sys.stderr)
         sys.exit(1)
+    except OSError as e:
+        # a full disk, a read-only or vanished folder: the file and the reason, not a traceback
+        where = e.filename or "output"
+        print(f"error: {where}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(1)
+    except Terminated:
+        print("error: terminated (SIGTERM); nothing was published", file=sys.stderr)
+        sys.exit(143)
+    except KeyboardInterrupt:
+        print("error: interrupted (SIGINT); nothing was published", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)

@@ -7,6 +7,7 @@ returning fresh expectation lists (GX binds an expectation to one suite).
 from __future__ import annotations
 
 import functools
+import logging
 import uuid
 from typing import Any, Callable
 
@@ -21,6 +22,10 @@ Suite = Callable[[], list[Any]]
 def _context():
     import great_expectations as gx  # 3 s import: only when something is validated
     from great_expectations.data_context.types.base import ProgressBarsConfig
+    # its INFO lines ("Created temporary directory …") would reach stderr where Prefect configured
+    # logging; GX sets INFO on some of its loggers itself, so the parent's level is not enough
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("great_expectations")]:
+        logging.getLogger(name).setLevel(logging.WARNING)
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     return ctx
@@ -36,17 +41,31 @@ def validate_frame(df: pd.DataFrame, suite: Suite, *, source: str, name: str = "
              .add_dataframe_asset(name=tag)
              .add_batch_definition_whole_dataframe(tag))
     gx_suite = ctx.suites.add(gx.ExpectationSuite(name=tag, expectations=suite()))
+    # SUMMARY: failed expectations report some unexpected values and their row labels (df.index)
     result = gx.ValidationDefinition(name=tag, data=batch, suite=gx_suite).run(
-        batch_parameters={"dataframe": df})
+        batch_parameters={"dataframe": df}, result_format="SUMMARY")
     if not result.success:
         failed = [_describe(r) for r in result.results if not r.success]
         raise StageError(source, f"failed validation ({len(failed)} expectations): " + "; ".join(failed[:5]))
 
 
 def _describe(r: Any) -> str:
-    cfg = r.expectation_config
-    kwargs = {k: v for k, v in cfg.kwargs.items() if k in ("column", "min_value", "max_value", "value_set")
-              and not (k == "value_set" and len(v) > 10)}
-    observed = r.result.get("observed_value", r.result.get("unexpected_count"))
+    """One failed expectation in words: the column, the rule, and the first offending values with
+    their rows (`df.index`: callers label rows with what a user can look up, e.g. the source row)."""
+    cfg, res = r.expectation_config, r.result
+    kwargs = cfg.kwargs
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    return f"{cfg.type}({', '.join(f'{k}={fmt(v)}' for k, v in kwargs.items())}) observed {fmt(observed)}"
+    values, rows = res.get("partial_unexpected_list") or [], res.get("partial_unexpected_index_list") or []
+    if kwargs.get("column") and values:
+        if "min_value" in kwargs or "max_value" in kwargs:
+            rule = f"outside [{fmt(kwargs.get('min_value'))}, {fmt(kwargs.get('max_value'))}]"
+        elif "value_set" in kwargs:
+            rule = "not in the allowed set"
+        else:
+            rule = "unexpected"
+        where = ", ".join(f"{fmt(v)} at row {i}" for v, i in list(zip(values, rows))[:3])
+        return f"{kwargs['column']}: {res.get('unexpected_count', len(values))} value(s) {rule} ({cfg.type}): {where}"
+    shown = {k: v for k, v in kwargs.items() if k in ("column", "min_value", "max_value", "value_set")
+             and not (k == "value_set" and len(v) > 10)}
+    observed = res.get("observed_value", res.get("unexpected_count"))
+    return f"{cfg.type}({', '.join(f'{k}={fmt(v)}' for k, v in shown.items())}) observed {fmt(observed)}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +39,13 @@ def read_source(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise StageError(path, "source file not found")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt") as fh:
+        with opener(path, "rt") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "input contained no data": reported below, in one line
             raw = np.loadtxt(fh, delimiter=",", ndmin=2)
     except (ValueError, OSError, EOFError) as e:
         raise StageError(path, f"not a readable digits CSV: {e}") from e
+    if raw.size == 0:
+        raise StageError(path, "empty: no rows")
     if raw.shape[1] != N_PIXELS + 1:
         raise StageError(path, f"expected {N_PIXELS + 1} columns (64 pixels + label), found {raw.shape[1]}")
     if not np.isfinite(raw).all():
@@ -77,7 +81,8 @@ def prepare(source: str, out_dir: str | Path, val: float, test: float, seed: int
     with atomic_dir(out_dir) as tmp:
         for split, idx in stratified_split(y, val, test, seed).items():
             df = to_frame(x[idx], y[idx])
-            validate_split(df, source=f"{path} ({split} split)")
+            # rows labelled by their line in the source, so an error points at the line to fix
+            validate_split(df.set_axis(idx, axis=0), source=str(path))
             pq.write_table(pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False), tmp / f"{split}.parquet")
             counts[split] = len(df)
         write_json(tmp / "meta.json", {"source": source, "rows": counts, "seed": seed})

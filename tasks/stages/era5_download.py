@@ -59,6 +59,7 @@ import xarray as xr
 from ..kinds.forecast.schema import VARIABLES, short_name
 from ..platform.common import StageError, atomic_dir, cli_main
 from ..platform.params import naming_profile, pop_profile, stage_params
+from .era5_harmonise import check_raw
 
 log = logging.getLogger(__name__)
 
@@ -363,6 +364,10 @@ def select_variables(ds: xr.Dataset, variables: list[str] | None, where: str) ->
     return ds[[name for name, short in known.items() if short in wanted]]
 
 
+def _has_time_axis(ds: xr.Dataset) -> bool:
+    return "valid_time" in ds.dims or "time" in ds.dims
+
+
 def open_files(cfg: dict[str, Any]) -> xr.Dataset:
     files_cfg = cfg.get("files") or {}
     patterns = files_cfg.get("paths") or []
@@ -371,6 +376,9 @@ def open_files(cfg: dict[str, Any]) -> xr.Dataset:
     paths = expand_paths(patterns)
     member = files_cfg.get("ensemble_member", 0)
     parts = [read_file(p, member) for p in paths]
+    for path, part in zip(paths, parts):
+        if _has_time_axis(part):  # a one-time file has none; the merged store's axis is checked on write
+            check_raw(part, str(path))
     where = ", ".join(map(str, paths))
     variables = check_variables(cfg.get("variables"), "params.yaml") or None
     return select_variables(_merge(parts, where), variables, where)
@@ -394,14 +402,28 @@ def load_source(cfg: dict[str, Any], client_factory: Callable[[], Any] | None = 
     return ds.assign_attrs(source=source)
 
 
-def write_store(ds: xr.Dataset, out_dir: str | Path) -> None:
-    """Writes the store atomically. Source encodings (netCDF fill values, GRIB/ARCO chunking) are dropped:
-    they do not fit a new Zarr store."""
+def write_store(ds: xr.Dataset, out_dir: str | Path, where: str, step_hours: float | None = None) -> None:
+    """Writes the store atomically, and publishes it only when what was written passes `check_raw`
+    (read back from the temporary store: a lazy ARCO source is read once, not twice). Source encodings
+    (netCDF fill values, GRIB/ARCO chunking) are dropped: they do not fit a new Zarr store."""
     ds = ds.copy()
     for var in ds.variables.values():
         var.encoding = {}
     with atomic_dir(out_dir) as tmp:
         ds.to_zarr(tmp, mode="w", consolidated=False)
+        check_raw(xr.open_zarr(tmp, consolidated=False, chunks={}), where, step_hours)
+
+
+def describe_source(cfg: dict[str, Any]) -> str:
+    """What an error about the downloaded data names: the files, the store or the requests."""
+    source = cfg.get("source", "synthetic")
+    if source == "files":
+        return ", ".join(map(str, expand_paths((cfg.get("files") or {}).get("paths") or [])))
+    if source == "arco":
+        return (cfg.get("arco") or {}).get("url", ARCO_URL)
+    if source == "cds":
+        return " + ".join(cds_requests(cfg))
+    return "era5 synthetic source"
 
 
 def download(cfg: dict[str, Any], out_dir: str | Path = OUT_DIR,
@@ -410,7 +432,9 @@ def download(cfg: dict[str, Any], out_dir: str | Path = OUT_DIR,
     ds = load_source(cfg, client_factory)
     if not ds.data_vars:
         raise StageError("params.yaml", "era5: no variables selected")
-    write_store(ds, out_dir)
+    # the files source keeps the files' own time step; the others were asked for `step_hours`
+    step = None if cfg.get("source") == "files" else float(cfg.get("step_hours", 1))
+    write_store(ds, out_dir, describe_source(cfg), step)
     return ds
 
 

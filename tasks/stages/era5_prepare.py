@@ -57,9 +57,7 @@ The prepared layout and its suites are the forecast kind's contract (tasks/kinds
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -68,102 +66,22 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ..kinds.forecast.schema import (DIMS_SURFACE, DIMS_UPPER, MEMBER, SPLITS, VARIABLES, short_name,
+from ..kinds.forecast.schema import (DIMS_SURFACE, DIMS_UPPER, MEMBER, SPLITS, VARIABLES, open_store,
                                      surface_vars, upper_vars, validate_splits)
 from ..platform.common import StageError, atomic_dir, cli_main, write_json
 from ..platform.params import naming_profile, pop_profile, stage_params
+from .era5_harmonise import harmonise
 
 RAW = "data/era5/raw.zarr"
 OUT_DIR = "data/era5/prepared"
-G = 9.80665
 
-# accepted unit spellings (lower case, without spaces, '*', '^', '.' and '_') → (scale, offset) to ERA5 units
-_SAME = (1.0, 0.0)
-_WIND = {"ms-1": _SAME, "m/s": _SAME, "ms**-1": _SAME, "meterspersecond": _SAME, "metrepersecond": _SAME}
-_KELVIN = {"k": _SAME, "kelvin": _SAME, "degc": (1.0, 273.15), "°c": (1.0, 273.15), "c": (1.0, 273.15),
-           "celsius": (1.0, 273.15), "degreescelsius": (1.0, 273.15)}
-_PASCAL = {"pa": _SAME, "pascal": _SAME, "hpa": (100.0, 0.0), "mbar": (100.0, 0.0), "mb": (100.0, 0.0),
-           "millibars": (100.0, 0.0)}
-UNITS: dict[str, dict[str, tuple[float, float]]] = {
-    "z": {"m2s-2": _SAME, "m2/s2": _SAME, "m**2s**-2": _SAME, "gpm": (G, 0.0), "m": (G, 0.0)},
-    "t": _KELVIN, "t2m": _KELVIN,
-    "u": _WIND, "v": _WIND, "u10": _WIND, "v10": _WIND,
-    "q": {"kgkg-1": _SAME, "kg/kg": _SAME, "1": _SAME, "gkg-1": (1e-3, 0.0), "g/kg": (1e-3, 0.0)},
-    "msl": _PASCAL, "sp": _PASCAL,
-}
-DIM_NAMES = {"isobaricInhPa": "level", "pressure_level": "level", "plev": "level",
-             "lat": "latitude", "lon": "longitude", "number": "member"}
+
 # ---------------------------------------------------------------------------------------------------
 # 1. harmonise
 
 def open_raw(path: str | Path, dask: bool = True) -> xr.Dataset:
     """Lazily: Dask arrays in the store's chunks, or (dask=False) arrays read whole on first use."""
-    path = Path(path)
-    if not path.exists():
-        raise StageError(path, "not found (run `dvc repro era5`)")
-    try:
-        return xr.open_zarr(path, consolidated=False, chunks={} if dask else None)
-    except Exception as e:  # zarr raises many types for a broken store
-        raise StageError(path, f"not a readable Zarr store: {type(e).__name__}: {e}") from None
-
-
-def _norm_units(units: str) -> str:
-    return re.sub(r"[\s*^._]", "", str(units).strip().lower())
-
-
-def convert_units(da: xr.DataArray, var: str, where: str) -> xr.DataArray:
-    """`da` in ERA5 units; StageError for units this module does not know."""
-    units = da.attrs.get("units")
-    if units is None:
-        raise StageError(where, f"{var}: wrong units: no `units` attribute")
-    try:
-        scale, offset = UNITS[var][_norm_units(units)]
-    except KeyError:
-        raise StageError(where, f"{var}: wrong units {units!r} (expected {VARIABLES[var].units!r} "
-                                f"or a known equivalent)") from None
-    out = da if (scale, offset) == _SAME else da * scale + offset
-    return (out.astype(np.float32, copy=False)
-            .assign_attrs(units=VARIABLES[var].units, long_name=VARIABLES[var].title))
-
-
-def _harmonise_time(ds: xr.Dataset) -> xr.Dataset:
-    """`time` is the valid time: CDS netCDF calls its time axis `valid_time`; cfgrib has `time` (the
-    analysis/initial time) with `valid_time` beside it, equal for analyses."""
-    if "valid_time" in ds.dims:
-        ds = ds.drop_vars([c for c in ("time",) if c in ds.variables]).rename({"valid_time": "time"})
-    elif "valid_time" in ds.coords and "time" in ds.dims and ds["valid_time"].dims == ("time",):
-        ds = ds.assign_coords(time=ds["valid_time"].values).drop_vars("valid_time")
-    return ds
-
-
-def harmonise(ds: xr.Dataset, where: str) -> xr.Dataset:
-    """ERA5 short names, dims and units; variables this project does not use are dropped."""
-    ds = _harmonise_time(ds)
-    ds = ds.rename({k: v for k, v in DIM_NAMES.items() if k in ds.variables or k in ds.dims})
-    ds = ds.drop_vars([c for c in ds.coords if c not in ds.dims])
-    if "time" not in ds.dims:
-        raise StageError(where, f"no time dimension (dims {list(ds.dims)})")
-    out = {}
-    for name in ds.data_vars:
-        short = short_name(str(name))
-        if short is None:
-            continue
-        if short in out:
-            raise StageError(where, f"two variables map to {short!r}")
-        out[short] = convert_units(ds[name], short, where)
-    ds = xr.Dataset(out, coords=ds.coords, attrs=ds.attrs)
-    if "level" in ds.coords:
-        ds = _harmonise_levels(ds)
-    return ds
-
-
-def _harmonise_levels(ds: xr.Dataset) -> xr.Dataset:
-    level = ds["level"]
-    values = np.asarray(level.values, dtype=float)
-    if _norm_units(level.attrs.get("units", "hpa")) in ("pa", "pascal"):
-        values = values / 100
-    values = values.astype(np.int64) if np.all(values == np.round(values)) else values
-    return ds.assign_coords(level=("level", values, {"units": "hPa", "long_name": "pressure level"}))
+    return open_store(path, dask=dask, hint="run `dvc repro era5_download`")
 
 
 def select(ds: xr.Dataset, variables: list[str] | None, levels: list[float] | None, where: str) -> xr.Dataset:
@@ -398,6 +316,17 @@ def use_dask(cfg: dict[str, Any], nbytes: int) -> bool:
     return choice
 
 
+def read_all(ds: xr.Dataset, where: str) -> xr.Dataset:
+    """Loads every variable, naming the one whose chunk does not decode (zarr's codecs raise
+    RuntimeError, ValueError, ... for a corrupt chunk, with no file name)."""
+    for var in list(ds.data_vars):
+        try:
+            ds[var] = ds[var].load()
+        except Exception as e:
+            raise StageError(where, f"{var}: unreadable chunk ({type(e).__name__}: {e})") from None
+    return ds.load()
+
+
 def assemble(raw: str | Path, cfg: dict[str, Any]) -> tuple[dict[str, xr.Dataset], dict[str, Any]]:
     """Read, harmonise, select, regrid and split, in memory: ({split: Dataset}, meta); not validated."""
     where = str(raw)
@@ -405,7 +334,7 @@ def assemble(raw: str | Path, cfg: dict[str, Any]) -> tuple[dict[str, xr.Dataset
     if not use_dask(cfg, ds.nbytes):
         ds = select(harmonise(open_raw(raw, dask=False), where), cfg.get("variables"), cfg.get("levels"), where)
     ds, regrid_how = regrid(ds, cfg.get("grid_deg"))
-    ds = wrap_and_sort(ds).load()
+    ds = read_all(wrap_and_sort(ds), where)
     # the raw attributes describe the source grid: keep only where the data came from
     ds.attrs = {"source": ds.attrs.get("source", "unknown")}
     variables = list(ds.data_vars)

@@ -168,13 +168,41 @@ def axes_suite(step_hours: int):
     return build
 
 
-def _field_problems(frame: pd.DataFrame, limit: int = 5) -> str:
-    """Which variables failed, in words (GX reports only counts for the pair expectations)."""
+def time_problems(times: np.ndarray, step_hours: float | None = None, limit: int = 3) -> list[str]:
+    """A time axis' faults in words, each naming its step: repeated, going back, or off the regular step
+    (`step_hours`; None: the axis' most common step). Empty when the axis is fine."""
+    t = pd.DatetimeIndex(times)
+    if len(t) < 2:
+        return []
+    dt = np.diff(t.values) / np.timedelta64(1, "h")
+    if step_hours is None:
+        values, counts = np.unique(dt[dt > 0], return_counts=True)
+        step_hours = float(values[np.argmax(counts)]) if len(values) else 1.0
+    stamp = lambda i: f"{t[i]:%Y-%m-%dT%H:%M}"
+    problems = []
+    for i in np.flatnonzero(dt != step_hours):
+        if dt[i] == 0:
+            problems.append(f"time step {i + 1} ({stamp(i + 1)}) repeats step {i}")
+        elif dt[i] < 0:
+            problems.append(f"time step {i + 1} ({stamp(i + 1)}) is {-dt[i]:g} h before step {i} ({stamp(i)})")
+        else:
+            problems.append(f"time step {i + 1} ({stamp(i + 1)}) is {dt[i]:g} h after step {i} ({stamp(i)}), "
+                            f"expected {step_hours:g} h")
+    if len(problems) > limit:
+        problems = problems[:limit] + [f"{len(problems) - limit} more"]
+    return problems
+
+
+def _field_problems(frame: pd.DataFrame, times: np.ndarray, limit: int = 5) -> str:
+    """Which variables failed and where, in words (GX reports only counts for the pair expectations).
+    `frame` has one row per time step for each variable (field_frame), so row i of a variable is times[i]."""
     problems = []
     for stem, rows in frame.groupby("variable", sort=False):
         lo, hi = rows["lower"].iloc[0], rows["upper"].iloc[0]
         if rows[["min", "max"]].isna().any().any():
-            problems.append(f"{stem} has NaN in {int(rows['min'].isna().sum())} time steps")
+            nan = rows["min"].isna().to_numpy()
+            problems.append(f"{stem} has NaN in {int(nan.sum())} time steps, first "
+                            f"{pd.Timestamp(times[int(np.argmax(nan))]):%Y-%m-%dT%H:%M}")
         elif rows["min"].min() < lo or rows["max"].max() > hi:
             problems.append(f"{stem} spans {rows['min'].min():.6g}..{rows['max'].max():.6g}, "
                             f"outside [{lo:g}, {hi:g}]")
@@ -190,7 +218,8 @@ def validate_split(ds: xr.Dataset, split: str, variables: list[str], levels: lis
                        name=f"era5-{split}")
         validate_frame(axes_frame([ds]), axes_suite(step_hours), source=source, name=f"era5-{split}-axes")
     except StageError as e:
-        detail = _field_problems(frame)
+        detail = "; ".join(filter(None, [_field_problems(frame, ds["time"].values),
+                                          "; ".join(time_problems(ds["time"].values, step_hours))]))
         raise StageError(source, f"{split} split {e.problem}" + (f" ({detail})" if detail else "")) from None
 
 
@@ -228,13 +257,35 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise StageError(path, f"not valid JSON: {e}") from None
 
 
-def _open_store(path: Path) -> xr.Dataset:
+def open_store(path: str | Path, dask: bool = False, hint: str = "run `dvc repro era5_prepare`") -> xr.Dataset:
+    """A Zarr store this project wrote, whole: StageError naming it when it is absent, unreadable, or
+    has lost chunks of a data variable (Zarr would read those as fill values, NaN, without a word)."""
+    path = Path(path)
     if not path.exists():
-        raise StageError(path, "not found (run `dvc repro era5_prepare`)")
+        raise StageError(path, f"not found ({hint})")
     try:
-        return xr.open_zarr(path, consolidated=False, chunks=None)
-    except Exception as e:
+        ds = xr.open_zarr(path, consolidated=False, chunks={} if dask else None)
+    except Exception as e:  # zarr raises many types for a broken store
         raise StageError(path, f"not a readable Zarr store: {type(e).__name__}: {e}") from None
+    lost = missing_chunks(path, list(ds.data_vars))
+    if lost:
+        raise StageError(path, f"chunks missing from {', '.join(lost)}: an incomplete copy? "
+                               f"Rerun the stage that wrote it, or `dvc checkout`")
+    return ds
+
+
+def missing_chunks(path: str | Path, names: list[str]) -> list[str]:
+    """'<name> (k of n)' for each float array of `names` with chunk files absent. Only floats: their
+    fill value is NaN, so an absent chunk is never a legitimately empty one (Zarr skips writing chunks
+    that hold only the fill value)."""
+    import zarr
+    group = zarr.open_group(str(path), mode="r")
+    out = []
+    for name in names:
+        arr = group[name]
+        if np.issubdtype(arr.dtype, np.floating) and arr.nchunks_initialized < arr.nchunks:
+            out.append(f"{name} ({arr.nchunks - arr.nchunks_initialized} of {arr.nchunks})")
+    return out
 
 
 def load_prepared(data_dir: str | Path, validate: bool = True) -> dict[str, Any]:
@@ -246,7 +297,7 @@ def load_prepared(data_dir: str | Path, validate: bool = True) -> dict[str, Any]
     meta = _read_json(data_dir / "meta.json")
     out: dict[str, Any] = {"stats": _read_json(data_dir / "stats.json"), "meta": meta}
     for name in (*SPLITS, "climatology"):
-        ds = _open_store(data_dir / f"{name}.zarr")
+        ds = open_store(data_dir / f"{name}.zarr")
         out[name] = ds[upper_vars(ds) + surface_vars(ds)]  # Zarr does not keep the order
     if validate:
         splits = {name: out[name].load() for name in SPLITS}

@@ -1,0 +1,480 @@
+"""Bad input, one table: every stage and the method flow, one row per fault.
+
+A row breaks one input (or params.yaml) of a stage whose earlier good run left its output in a work
+directory, runs the stage's entry point (`cli_main(main, argv)`, what `python -m …` runs) and asserts:
+exit status 1; exactly one line on stderr, naming the file (or params key) and the problem; no file
+created, changed or left behind in the work directory (so no output, no temporary file, and the
+earlier output byte-identical). A new stage adds a `Stage` and rows, not tests.
+
+Rows run in-process (imports are paid once); `test_the_command_line_prints_that_line_alone` runs one
+row per stage as a real `python -m` process, where warnings and logs would show.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import xarray as xr
+import yaml
+
+from conftest import REPO, shared_file
+from tasks.platform.common import cli_main, hash_path
+
+UK_GRIB = "era5/xarray-data/era5-2mt-2019-03-uk.grib"
+
+
+@dataclass(frozen=True)
+class Stage:
+    module: str
+    argv: tuple[str, ...]
+    output: str                          # what the earlier good run wrote (relative to the work dir)
+    build: Callable[[Path], None]        # writes the good inputs and params.yaml, runs the stage once
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    stage: str
+    fault: Callable[[Path], None]        # breaks an input or params.yaml in the work dir
+    names: str                           # the line is "error: <names>…"
+    problem: str                         # a regex the line must match after that
+
+
+# ---------------------------------------------------------------------------------------------------
+# stages and their good inputs
+
+def write_params(work: Path, params: dict) -> None:
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def edit_params(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def fault(work: Path) -> None:
+        params = yaml.safe_load((work / "params.yaml").read_text())
+        edit(params)
+        write_params(work, params)
+    return fault
+
+
+def run_ok(stage: Stage, work: Path) -> None:
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        cli_main(importlib.import_module(stage.module).main, list(stage.argv))
+    finally:
+        os.chdir(cwd)
+
+
+def build_digits(work: Path) -> None:
+    from tasks.stages.digits import source_path
+    (work / "src").mkdir()
+    with gzip.open(source_path("sklearn"), "rt") as fh:
+        (work / "src" / "digits.csv").write_text(fh.read())
+    write_params(work, {"digits": {"source": "src/digits.csv", "split": {"val": 0.2, "test": 0.2}, "seed": 0}})
+
+
+def small_era5(days: int = 2, levels=(850, 500), variables=("z", "t", "t2m", "msl")) -> xr.Dataset:
+    from tasks.stages import era5_synthetic
+    times = pd.date_range("2020-01-01", periods=days * 24, freq="h")
+    return era5_synthetic.generate(times, 22.5, list(levels), list(variables), 0)
+
+
+def build_download_netcdf(work: Path) -> None:
+    (work / "src").mkdir()
+    small_era5().to_netcdf(work / "src" / "era5.nc", engine="netcdf4")
+    write_params(work, {"era5": {"t": {"source": "files", "files": {"paths": ["src/*.nc"]},
+                                       "variables": ["z", "t", "t2m", "msl"]}}})
+
+
+def build_download_grib(work: Path) -> None:
+    (work / "src").mkdir()
+    shutil.copy(shared_file(UK_GRIB), work / "src" / "uk.grib")
+    write_params(work, {"era5": {"g": {"source": "files", "files": {"paths": ["src/*.grib"]},
+                                       "variables": ["t2m"]}}})
+
+
+PREPARE = {"variables": ["z", "t", "t2m", "msl"], "levels": [850, 500], "grid_deg": None,
+           "split": {"val": 0.2, "test": 0.2}, "max_lead_hours": 6}
+
+
+def build_prepare(work: Path) -> None:
+    from tasks.stages import era5_download
+    era5_download.write_store(small_era5(days=4), work / "data/era5/raw.zarr", "small synthetic")
+    write_params(work, {"era5_prepare": {"t": PREPARE}})
+
+
+def build_method(work: Path, templates: dict[str, Path]) -> None:
+    """The repo's params.yaml, the digits and prepared ERA5 outputs above as the methods' data, and a
+    report from an earlier run that a failed run must leave alone."""
+    shutil.copy(REPO / "params.yaml", work / "params.yaml")
+    shutil.copytree(templates["digits"] / "data/digits", work / "data/digits")
+    shutil.copytree(templates["era5_prepare"] / "data/era5/prepared", work / "data/era5/default/prepared")
+    (work / "metrics").mkdir()
+    for method in ("hinton_kd", "pangu"):
+        (work / "metrics" / f"{method}.json").write_text('{"earlier": "run"}\n')
+
+
+STAGES: dict[str, Stage] = {
+    "digits": Stage("tasks.stages.digits", ("data/digits",), "data/digits", build_digits),
+    "download": Stage("tasks.stages.era5_download", ("--profile", "t", "data/era5/raw.zarr"), "data/era5/raw.zarr",
+                      build_download_netcdf),
+    "download_grib": Stage("tasks.stages.era5_download", ("--profile", "g", "data/era5/raw.zarr"),
+                           "data/era5/raw.zarr", build_download_grib),
+    "era5_prepare": Stage("tasks.stages.era5_prepare", ("--profile", "t", "data/era5/raw.zarr", "data/era5/prepared"),
+                          "data/era5/prepared", build_prepare),
+    # the method flow's entry point: params, declaration and inputs are checked before Prefect starts
+    "hinton_kd": Stage("flows.method", ("hinton_kd",), "metrics/hinton_kd.json", None),
+    "pangu": Stage("flows.method", ("pangu",), "metrics/pangu.json", None),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# faults
+
+def write_text(rel: str, text: str) -> Callable[[Path], None]:
+    return lambda work: (work / rel).write_text(text)
+
+
+def truncate(rel: str, keep: float = 0.5) -> Callable[[Path], None]:
+    def fault(work: Path) -> None:
+        data = (work / rel).read_bytes()
+        (work / rel).write_bytes(data[:int(len(data) * keep)])
+    return fault
+
+
+def remove(rel: str) -> Callable[[Path], None]:
+    def fault(work: Path) -> None:
+        path = work / rel
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return fault
+
+
+def remove_one_chunk(store: str, var: str) -> Callable[[Path], None]:
+    def fault(work: Path) -> None:
+        chunks = sorted(p for p in (work / store / var / "c").rglob("*") if p.is_file())
+        chunks[len(chunks) // 2].unlink()
+    return fault
+
+
+def garble_one_chunk(store: str, var: str) -> Callable[[Path], None]:
+    def fault(work: Path) -> None:
+        chunk = sorted(p for p in (work / store / var / "c").rglob("*") if p.is_file())[0]
+        chunk.write_bytes(b"\x00garbage" * 8)
+    return fault
+
+
+def csv_cell(row: int, col: int, value: str) -> Callable[[Path], None]:
+    def fault(work: Path) -> None:
+        path = work / "src/digits.csv"
+        lines = path.read_text().splitlines()
+        cells = lines[row].split(",")
+        cells[col] = value
+        lines[row] = ",".join(cells)
+        path.write_text("\n".join(lines) + "\n")
+    return fault
+
+
+def drop_csv_column(work: Path) -> None:
+    path = work / "src/digits.csv"
+    path.write_text("\n".join(",".join(line.split(",")[:-1]) for line in path.read_text().splitlines()) + "\n")
+
+
+def gzip_then_truncate(work: Path) -> None:
+    src = work / "src/digits.csv"
+    data = gzip.compress(src.read_bytes())
+    (work / "src/digits.csv.gz").write_bytes(data[:len(data) // 2])
+    edit_params(lambda p: p["digits"].update(source="src/digits.csv.gz"))(work)
+
+
+def edit_nc(edit: Callable[[xr.Dataset], xr.Dataset]) -> Callable[[Path], None]:
+    def fault(work: Path) -> None:
+        path = work / "src/era5.nc"
+        ds = edit(xr.load_dataset(path))
+        path.unlink()
+        ds.to_netcdf(path, engine="netcdf4")
+    return fault
+
+
+def edit_raw(edit: Callable[[xr.Dataset], xr.Dataset]) -> Callable[[Path], None]:
+    """A raw store as another tool (or an older download stage) might have written it: unchecked."""
+    def fault(work: Path) -> None:
+        path = work / "data/era5/raw.zarr"
+        ds = edit(xr.open_zarr(path, consolidated=False).load())
+        shutil.rmtree(path)
+        for var in ds.variables.values():
+            var.encoding = {}
+        ds.to_zarr(path, mode="w", consolidated=False)
+    return fault
+
+
+def nan_field(ds: xr.Dataset) -> xr.Dataset:
+    ds = ds.copy(deep=True)
+    ds["t2m"][-5] = np.nan
+    return ds
+
+
+def inf_value(ds: xr.Dataset) -> xr.Dataset:
+    ds = ds.copy(deep=True)
+    ds["msl"][3, 1, 1] = np.inf
+    return ds
+
+
+def celsius_labelled_kelvin(ds: xr.Dataset) -> xr.Dataset:
+    ds = ds.copy(deep=True)
+    ds["t2m"] = (ds["t2m"] - 273.15).assign_attrs(ds["t2m"].attrs)
+    return ds
+
+
+def units(var: str, value: str | None) -> Callable[[xr.Dataset], xr.Dataset]:
+    def edit(ds: xr.Dataset) -> xr.Dataset:
+        ds = ds.copy()
+        ds[var].attrs.pop("units")
+        if value is not None:
+            ds[var].attrs["units"] = value
+        return ds
+    return edit
+
+
+def duplicate_time(ds: xr.Dataset) -> xr.Dataset:
+    return xr.concat([ds.isel(time=slice(0, 11)), ds.isel(time=slice(10, None))], "time")
+
+
+def swap_times(ds: xr.Dataset) -> xr.Dataset:
+    order = list(range(ds.sizes["time"]))
+    order[20], order[21] = order[21], order[20]
+    return ds.isel(time=order)
+
+
+def gap_in_time(ds: xr.Dataset) -> xr.Dataset:
+    return ds.drop_isel(time=[30])
+
+
+def drop_var(var: str) -> Callable[[xr.Dataset], xr.Dataset]:
+    return lambda ds: ds.drop_vars(var)
+
+
+def second_file_on_another_grid(work: Path) -> None:
+    ds = small_era5()[["t2m"]].rename(t2m="t2m_other")
+    ds = ds.assign_coords(latitude=ds.latitude + 1.0).rename(t2m_other="msl")
+    ds["msl"] = (ds["msl"] * 0 + 101325.0).assign_attrs(units="Pa")
+    ds.to_netcdf(work / "src/era5_b.nc", engine="netcdf4")
+
+
+def parquet_pixel(value: float) -> Callable[[Path], None]:
+    def fault(work: Path) -> None:
+        path = work / "data/digits/train.parquet"
+        table = pq.read_table(path)
+        df = table.to_pandas()
+        df.loc[7, "px_10"] = value
+        path.unlink()
+        pq.write_table(type(table).from_pandas(df, schema=table.schema, preserve_index=False), path)
+    return fault
+
+
+def parquet_drop_column(work: Path) -> None:
+    path = work / "data/digits/val.parquet"
+    table = pq.read_table(path)
+    path.unlink()
+    pq.write_table(table.drop_columns(["px_63"]), path)
+
+
+def set_key(dotted: str, value) -> Callable[[Path], None]:
+    def edit(p: dict) -> None:
+        *parents, last = dotted.split(".")
+        node = p
+        for key in parents:
+            node = node[key]
+        if value is DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    return edit_params(edit)
+
+
+DELETE = object()
+SRC_NC, RAW, PREP = "src/era5.nc", "data/era5/raw.zarr", "data/era5/default/prepared"
+
+ROWS = [
+    # digits: the source CSV and params
+    Row("digits-zero-byte", "digits", write_text("src/digits.csv", ""), "src/digits.csv", "empty"),
+    Row("digits-truncated-gzip", "digits", gzip_then_truncate, "src/digits.csv.gz", "not a readable digits CSV"),
+    Row("digits-html-not-csv", "digits", write_text("src/digits.csv", "<html><body>Not found</body></html>\n"),
+        "src/digits.csv", "not a readable digits CSV"),
+    Row("digits-column-missing", "digits", drop_csv_column, "src/digits.csv", "expected 65 columns .* found 64"),
+    Row("digits-nan-pixel", "digits", csv_cell(5, 3, "nan"), "src/digits.csv", r"non-finite values in rows \[5\]"),
+    Row("digits-pixel-above-16", "digits", csv_cell(11, 20, "17"), "src/digits.csv",
+        r"px_20: .*outside \[0, 16\].* row 11"),
+    Row("digits-negative-pixel", "digits", csv_cell(12, 7, "-1"), "src/digits.csv", r"px_07: .*outside \[0, 16\].* row 12"),
+    Row("digits-label-10", "digits", csv_cell(3, 64, "10"), "src/digits.csv", r"label: 1 value.* not in the allowed set .*10 at row 3"),
+    Row("digits-source-missing", "digits", remove("src/digits.csv"), "src/digits.csv", "source file not found"),
+    Row("digits-params-val-negative", "digits", set_key("digits.split.val", -0.1), "params.yaml",
+        "digits.split.val: must be > 0"),
+    Row("digits-params-seed-missing", "digits", set_key("digits.seed", DELETE), "params.yaml",
+        "digits.seed: required, missing"),
+    # era5_download, files source: netCDF
+    Row("nc-zero-byte", "download", write_text(SRC_NC, ""), SRC_NC, "not a GRIB or netCDF file"),
+    Row("nc-truncated", "download", truncate(SRC_NC), SRC_NC, "unreadable netcdf file"),
+    Row("nc-html-error-page", "download", write_text(SRC_NC, "<!DOCTYPE html><title>503</title>"), SRC_NC,
+        "not a GRIB or netCDF file"),
+    Row("nc-nan-field", "download", edit_nc(nan_field), SRC_NC,
+        r"t2m: NaN or inf in 1 time step\(s\), first 2020-01-02T19:00"),
+    Row("nc-inf-value", "download", edit_nc(inf_value), SRC_NC, r"msl: NaN or inf in 1 time step\(s\), first 2020-01-01T03:00"),
+    Row("nc-celsius-labelled-kelvin", "download", edit_nc(celsius_labelled_kelvin), SRC_NC,
+        r"t2m: values span -.* K, outside the physical \[170, 340\]"),
+    Row("nc-units-missing", "download", edit_nc(units("t2m", None)), SRC_NC, "t2m: wrong units: no `units` attribute"),
+    Row("nc-units-wrong", "download", edit_nc(units("msl", "furlongs")), SRC_NC, "msl: wrong units 'furlongs'"),
+    Row("nc-time-duplicated", "download", edit_nc(duplicate_time), SRC_NC,
+        r"time axis: time step 11 \(2020-01-01T10:00\) repeats step 10"),
+    Row("nc-time-not-monotonic", "download", edit_nc(swap_times), SRC_NC,
+        r"time step 21 \(2020-01-01T20:00\) is 1 h before step 20 \(2020-01-01T21:00\)"),
+    Row("nc-time-gap", "download", edit_nc(gap_in_time), SRC_NC,
+        r"time step 30 \(2020-01-02T07:00\) is 2 h after step 29 \(2020-01-02T05:00\), expected 1 h"),
+    Row("nc-variable-missing", "download", edit_nc(drop_var("msl")), SRC_NC, r"missing requested variables \['msl'\]"),
+    Row("nc-files-on-two-grids", "download", second_file_on_another_grid, "src/era5.nc, src/era5_b.nc",
+        "cannot merge"),
+    Row("download-params-source", "download", set_key("era5.t.source", "ftp"), "params.yaml", "era5.t.source"),
+    Row("download-params-no-match", "download", set_key("era5.t.files.paths", ["src/*.grb"]), "src/*.grb",
+        "no file matches"),
+    # era5_download, files source: GRIB (the real UK sample)
+    Row("grib-truncated", "download_grib", truncate("src/uk.grib", 0.7), "src/uk.grib", "truncated or corrupt GRIB after"),
+    Row("grib-zero-byte", "download_grib", write_text("src/uk.grib", ""), "src/uk.grib", "no GRIB messages found"),
+    Row("grib-html-named-grib", "download_grib", write_text("src/uk.grib", "<html>quota exceeded</html>"),
+        "src/uk.grib", "no GRIB messages found"),
+    # era5_prepare: the raw store and params
+    Row("raw-chunk-missing", "era5_prepare", remove_one_chunk(RAW, "t2m"), RAW, r"chunks missing from t2m \(1 of"),
+    Row("raw-chunk-garbled", "era5_prepare", garble_one_chunk(RAW, "z"), RAW, "z: unreadable chunk"),
+    Row("raw-group-metadata-missing", "era5_prepare", remove(f"{RAW}/zarr.json"), RAW, "not a readable Zarr store"),
+    Row("raw-variable-metadata-missing", "era5_prepare", remove(f"{RAW}/msl/zarr.json"), RAW,
+        r"missing variable\(s\) \['msl'\]"),
+    Row("raw-nan-field", "era5_prepare", edit_raw(nan_field), RAW,
+        r"test split failed validation .*t2m has NaN in 1 time steps, first 2020-01-04T19:00"),
+    Row("raw-celsius-labelled-kelvin", "era5_prepare", edit_raw(celsius_labelled_kelvin), RAW,
+        r"train split failed validation .*t2m spans .* outside \[170, 340\]"),
+    Row("raw-time-gap", "era5_prepare", edit_raw(gap_in_time), RAW,
+        r"train split failed validation .*time step 30 \(2020-01-02T07:00\) is 2 h after step 29"),
+    Row("raw-time-duplicated", "era5_prepare", edit_raw(duplicate_time), RAW, r"time step 11 \(2020-01-01T10:00\) repeats"),
+    Row("raw-level-missing", "era5_prepare", set_key("era5_prepare.t.levels", [850, 250]), RAW,
+        r"missing level\(s\) \[250\]"),
+    Row("prepare-params-grid-zero", "era5_prepare", set_key("era5_prepare.t.grid_deg", 0), "params.yaml",
+        "era5_prepare.t.grid_deg: must be > 0"),
+    Row("prepare-params-split", "era5_prepare", set_key("era5_prepare.t.split", {"val": 0.6, "test": 0.5}),
+        "params.yaml", "era5_prepare.t.split: need 0 < val, test and val \\+ test < 1"),
+    # the method flow: its prepared inputs, checked before Prefect starts
+    Row("prepared-chunk-missing", "pangu", remove_one_chunk(f"{PREP}/train.zarr", "z"), f"{PREP}/train.zarr",
+        r"chunks missing from z \(1 of"),
+    Row("prepared-meta-missing", "pangu", remove(f"{PREP}/meta.json"), f"{PREP}/meta.json", "not found"),
+    Row("prepared-stats-corrupt", "pangu", truncate(f"{PREP}/stats.json"), f"{PREP}/stats.json", "not valid JSON"),
+    Row("prepared-split-missing", "pangu", remove(f"{PREP}/val.zarr/zarr.json"), f"{PREP}/val.zarr",
+        "not a readable Zarr store"),
+    Row("parquet-truncated", "hinton_kd", truncate("data/digits/train.parquet"), "data/digits/train.parquet",
+        "not a readable Parquet file"),
+    Row("parquet-pixel-out-of-range", "hinton_kd", parquet_pixel(99.0), "data/digits/train.parquet",
+        r"px_10: .*outside \[0, 16\].* row 7"),
+    Row("parquet-column-missing", "hinton_kd", parquet_drop_column, "data/digits/val.parquet", "wrong schema"),
+    Row("method-params-lr", "hinton_kd", set_key("methods.hinton_kd.teacher.lr", -0.003), "params.yaml",
+        "methods.hinton_kd.teacher.lr: must be > 0, got -0.003"),
+    Row("method-params-loss-term", "hinton_kd", set_key("methods.hinton_kd.loss.kdd", {"weight": 1.0}), "params.yaml",
+        r"loss.kdd: not a loss term of hinton_kd"),
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the table
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory, monkeypatch_module) -> dict[str, Path]:
+    """Each stage's work directory after one good run (the methods' is assembled from the others)."""
+    monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out: dict[str, Path] = {}
+    for name, stage in STAGES.items():
+        if stage.build is None:
+            continue
+        work = tmp_path_factory.mktemp(name)
+        stage.build(work)
+        run_ok(stage, work)
+        assert (work / stage.output).exists()
+        out[name] = work
+    for method in ("hinton_kd", "pangu"):
+        work = tmp_path_factory.mktemp(method)
+        build_method(work, out)
+        out[method] = work
+    return out
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def snapshot(work: Path) -> dict[str, tuple[int, int]]:
+    """Every path with its size and mtime (a directory's mtime changes when a temporary output in it
+    comes and goes, so directories count by name only)."""
+    return {str(p.relative_to(work)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else (0, 0)
+            for p in sorted(work.rglob("*"))}
+
+
+def work_copy(templates: dict[str, Path], row: Row, tmp_path: Path) -> Path:
+    work = tmp_path / "work"
+    shutil.copytree(templates[row.stage], work, symlinks=True)
+    row.fault(work)
+    return work
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_bad_input_exits_1_with_one_line_and_writes_nothing(row, templates, tmp_path, monkeypatch, capsys):
+    stage = STAGES[row.stage]
+    work = work_copy(templates, row, tmp_path)
+    before, output_hash = snapshot(work), hash_path(work / stage.output)
+    monkeypatch.chdir(work)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(importlib.import_module(stage.module).main, list(stage.argv))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    prefix = f"error: {row.names}: "
+    assert lines[0].startswith(prefix), lines[0]
+    assert re.search(row.problem, lines[0][len(prefix):]), lines[0]
+    assert snapshot(work) == before  # no output, no temporary file, nothing touched
+    assert hash_path(work / stage.output) == output_hash
+
+
+# one row per stage as a real process: warnings or log lines would show on its stderr
+CLI_ROWS = ["digits-pixel-above-16", "nc-time-gap", "grib-truncated", "raw-nan-field", "prepared-chunk-missing",
+            "parquet-pixel-out-of-range"]
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.id in CLI_ROWS], ids=CLI_ROWS)
+def test_the_command_line_prints_that_line_alone(row, templates, tmp_path):
+    stage = STAGES[row.stage]
+    work = work_copy(templates, row, tmp_path)
+    before = snapshot(work)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-m", stage.module, *stage.argv], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {row.names}: "), proc.stderr
+    assert snapshot(work) == before
+
+
+def test_the_table_covers_every_stage_with_enough_rows():
+    assert {r.stage for r in ROWS} == set(STAGES)
+    assert len(ROWS) >= 30
+    assert len({r.id for r in ROWS}) == len(ROWS)
+    json.dumps([r.id for r in ROWS])  # ids are plain strings (pytest node ids, README table)
