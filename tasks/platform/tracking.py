@@ -220,6 +220,13 @@ def log_model(model: torch.nn.Module, input_example: torch.Tensor | None) -> str
 
 
 def load_model(model_uri: str, ctx: RunContext) -> torch.nn.Module:
+    """A model this project logged, back from the run's own store. The one place that unpickles:
+    MLflow's eager PyTorch flavor is a whole pickled module whose logged `models/` source goes on
+    sys.path, so it is code, trusted as much as the store it comes from (written by the flow itself:
+    this checkout's SQLite and artifact directory, or the shared server behind its basic auth). So
+    only `models:/` and `runs:/` URIs, which resolve in `ctx`'s store, never a path or a URL."""
+    if not model_uri.startswith(("models:/", "runs:/")):
+        raise ValueError(f"load_model: {model_uri!r} is not a models:/ or runs:/ URI of the tracking store")
     mlflow.set_tracking_uri(ctx.tracking_uri)
     return mlflow.pytorch.load_model(model_uri, map_location="cpu")
 

@@ -12,8 +12,9 @@ Sources (`source:`):
   arco       the public ARCO-ERA5 Zarr on Google Cloud Storage, opened lazily (gcsfs + Dask); only the
              requested variables/levels/times/area are read, when the store is written
   cds        the Copernicus Climate Data Store API (cdsapi): one pressure-level and one single-level
-             request. The key comes from ~/.cdsapirc or CDSAPI_URL/CDSAPI_KEY, read by cdsapi itself;
-             this module never reads, logs or stores it
+             request. The key comes from ~/.cdsapirc (CDSAPI_RC) or CDSAPI_URL/CDSAPI_KEY, read by
+             cdsapi itself; this module reads it only to scrub it from cdsapi's errors and log lines
+             (cdsapi logs its key at DEBUG), and never logs or stores it
   files      local GRIB (cfgrib) and netCDF files, merged
 
 The params this module expects (`params.yaml`)::
@@ -218,17 +219,47 @@ def cds_requests(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
 _KEYLIKE = re.compile(r"\b(\d+:)?[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I)
 
 
+def _configured_keys() -> list[str]:
+    """The CDS key as cdsapi would find it (CDSAPI_KEY, else the `key:` line of CDSAPI_RC or
+    ~/.cdsapirc), and its secret part after `<UID>:`, longest first: cdsapi sends the two parts
+    separately, so a message may echo either."""
+    keys = [os.environ.get("CDSAPI_KEY", "")]
+    rc = Path(os.environ.get("CDSAPI_RC") or Path.home() / ".cdsapirc")
+    try:
+        keys += [v.strip() for k, _, v in (line.partition(":") for line in rc.read_text().splitlines())
+                 if k.strip() == "key"]
+    except (OSError, UnicodeDecodeError):
+        pass
+    parts = {p for key in keys if key for p in (key, key.partition(":")[2]) if len(p) >= 8}
+    return sorted(parts, key=len, reverse=True)
+
+
 def _scrub(message: str) -> str:
-    """Error text from cdsapi may echo configuration: drop anything that looks like the key."""
-    key = os.environ.get("CDSAPI_KEY")
-    if key:
+    """Error text from cdsapi may echo configuration: drop the key and anything that looks like one."""
+    for key in _configured_keys():
         message = message.replace(key, "***")
     return _KEYLIKE.sub("***", message)
 
 
+def _scrubbed_log(level: int) -> Callable[..., None]:
+    """A cdsapi callback (logging-style arguments) that logs here, scrubbed: cdsapi's own debug line
+    on creating a client holds the key."""
+    def emit(msg: Any, *args: Any, **_: Any) -> None:
+        if log.isEnabledFor(level):
+            try:
+                text = str(msg) % args if args else str(msg)
+            except (TypeError, ValueError):
+                text = " ".join(map(str, (msg, *args)))
+            log.log(level, "cdsapi: %s", _scrub(text))
+    return emit
+
+
 def _default_client_factory():
     import cdsapi
-    return cdsapi.Client(quiet=True, progress=False)
+    return cdsapi.Client(quiet=True, progress=False,
+                         **{f"{name}_callback": _scrubbed_log(level) for name, level in
+                            (("debug", logging.DEBUG), ("info", logging.INFO), ("warning", logging.WARNING),
+                             ("error", logging.ERROR))})
 
 
 def retrieve_cds(cfg: dict[str, Any], client_factory: Callable[[], Any] | None = None) -> xr.Dataset:

@@ -32,7 +32,8 @@ class Checkpointer:
     def load(self) -> dict[str, Any] | None:
         if self.path is None or not self.path.is_file():
             return None
-        return torch.load(self.path, map_location="cpu", weights_only=False)
+        # tensors, numbers, strings and containers only: a checkpoint file is never unpickled as code
+        return torch.load(self.path, map_location="cpu", weights_only=True)
 
     def clear(self) -> None:
         if self.path is not None:
