@@ -8,6 +8,7 @@ other threads, so every call names its run id explicitly.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -47,12 +48,22 @@ def resolve_tracking_uri(params: dict[str, Any] | None = None) -> str:
 
 def prepare_store(tracking_uri: str) -> None:
     """Creates the schema once, before any fan-out (parallel first use races on migrations), and
-    switches SQLite to WAL so concurrent writers wait instead of failing with 'database is locked'."""
+    switches SQLite to WAL so concurrent writers wait instead of failing with 'database is locked'.
+
+    Processes race on a new SQLite store too: MLflow migrates it table by table, so two flows started
+    at once fail with 'table _alembic_tmp_… already exists' or 'duplicate column name'. They take
+    turns on an flock beside the database; the kernel drops it when its holder exits, even killed."""
     mlflow.set_tracking_uri(tracking_uri)
-    MlflowClient(tracking_uri).search_experiments(max_results=1)
-    if tracking_uri.startswith("sqlite:///"):
-        with contextlib.closing(sqlite3.connect(tracking_uri[len("sqlite:///"):], timeout=30)) as db:
-            db.execute("PRAGMA journal_mode=WAL")
+    if not tracking_uri.startswith("sqlite:///"):
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
+        return
+    db = Path(tracking_uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
 
 
 def experiment_context(name: str, params: dict[str, Any], lineage: dict[str, str]) -> RunContext:
