@@ -14,7 +14,7 @@ else
 TORCH_SOURCE := --extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match
 endif
 
-.PHONY: install system-deps run run-full test serve serve-stop bench lock clean
+.PHONY: install system-deps run run-full test serve serve-stop bench bench-kill lock clean
 
 $(UV):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ bench: install
 	python benchmarks/orchestration.py
 	python benchmarks/era5_prepare.py
 	python benchmarks/pangu_step.py
+
+# `make run` killed with SIGKILL at 20 seeded random moments and rerun (README, Reliability)
+bench-kill: install
+	python benchmarks/kill_trials.py --trials 20
 
 # Re-resolve the pinned tree after editing pyproject.toml.
 lock: | $(UV)

@@ -41,14 +41,49 @@ def repro(args: list[str]) -> int:
             if not os.environ.get("PREFECT_API_URL"):
                 state = REPO_ROOT / ".prefect"
                 state.mkdir(exist_ok=True)
+                stop_orphaned_server(state)
                 server = sv.start_prefect(state, sv.free_port(), None, services=False, home=state,
                                           timeout=300)
+                record_server(state, server.pid)
                 env = dict(os.environ, PREFECT_API_URL=server.url, **{LOCAL_SERVER_ENV: "1"})
         try:
             return subprocess.run([dvc, "repro", *args], cwd=REPO_ROOT, env=env).returncode
         finally:
             if server is not None:
                 server.stop()
+                (state / SERVER_PID).unlink(missing_ok=True)
+
+
+# A run killed with SIGKILL (or by the OOM killer) cannot stop its server, a session leader of its
+# own that the kill did not reach. The server's pid and start time are kept here, and the next run,
+# which holds the checkout lock and so knows no live run owns that server, stops it.
+SERVER_PID = "server.pid"
+
+
+def record_server(state: Path, pid: int) -> None:
+    import psutil
+    try:
+        started = psutil.Process(pid).create_time()
+    except (psutil.Error, ValueError):  # gone already: nothing a later run could stop
+        return
+    (state / SERVER_PID).write_text(f"{pid} {started:.3f}\n")
+
+
+def stop_orphaned_server(state: Path) -> int | None:
+    """Kills the process group of a server a killed run left; returns its pid, or None."""
+    import psutil
+    try:
+        pid, started = (state / SERVER_PID).read_text().split()
+        alive = f"{psutil.Process(int(pid)).create_time():.3f}" == started  # not a reused pid
+    except (FileNotFoundError, ValueError, psutil.NoSuchProcess):
+        alive = False
+    (state / SERVER_PID).unlink(missing_ok=True)
+    if not alive:
+        return None
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(int(pid), signal.SIGKILL)
+    print(f"flows.repro: stopped the Prefect server (pid {pid}) a killed run had left", file=sys.stderr)
+    return int(pid)
 
 
 def _busy(root: Path, who: str) -> StageError:
@@ -91,7 +126,6 @@ def dvc_lock(root: Path) -> Iterator[None]:
     stage's command runs (so that `dvc repro`s of unrelated stages may run side by side); then it
     lists itself in .dvc/tmp/rwlock against the stage's dependencies and outputs (edited only by a
     holder of that lock, so it reads consistently here)."""
-    import psutil
     tmp = root / ".dvc" / "tmp"
     with open(tmp / "lock", "a+") as f:  # never written: DVC writes its pid there when it holds it
         if not _try_flock(f):
@@ -102,10 +136,28 @@ def dvc_lock(root: Path) -> Iterator[None]:
         except (FileNotFoundError, ValueError):
             rwlock = {}
         readers = [h for hs in rwlock.get("read", {}).values() for h in hs]
-        for h in [*rwlock.get("write", {}).values(), *readers]:
-            if psutil.pid_exists(h["pid"]):
+        holders = [*rwlock.get("write", {}).values(), *readers]
+        for h in holders:
+            if _running(h["pid"]):
                 raise _busy(root, f"pid {h['pid']}: {h['cmd']}")
+        if holders:
+            # left by a `dvc repro` that was killed: DVC would refuse every stage it had locked ("is
+            # busy, it is being blocked by…") until someone removed the file by hand, as its message
+            # advises; holding DVC's lock with every holder dead, this run does it
+            (tmp / "rwlock").unlink()
+            pids = ", ".join(str(h["pid"]) for h in holders)
+            print(f"flows.repro: removed DVC's stale stage locks of dead process(es) {pids}", file=sys.stderr)
         yield
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie: a killed `dvc` whose parent died too stays a zombie until init reaps it,
+    and holds no lock."""
+    import psutil
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def main(argv: list[str]) -> None:

@@ -7,6 +7,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"  # the real samples: beside the checkout, here and in CI
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from checkout import copy_checkout  # noqa: E402,F401  (the e2e test's copy; the kill trials' too)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
@@ -17,19 +19,6 @@ def tracking_ctx(tmp_path, monkeypatch):
     from tasks.platform import tracking
     params = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_root": str(tmp_path / "art")}
     return tracking.experiment_context("test-exp", params, {"git_commit": "abc"})
-
-
-def copy_checkout(root: Path) -> Path:
-    """This checkout's tracked and untracked-but-not-ignored files, copied to `root` (no data, no venv)."""
-    import shutil
-    import subprocess
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for f in filter(None, files):
-        if (REPO / f).is_file():
-            (root / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, root / f)
-    return root
 
 
 def shared_file(rel: str) -> Path:

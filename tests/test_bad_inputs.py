@@ -11,6 +11,7 @@ row per stage as a real `python -m` process, where warnings and logs would show.
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import importlib
 import json
@@ -478,3 +479,85 @@ def test_the_table_covers_every_stage_with_enough_rows():
     assert len(ROWS) >= 30
     assert len({r.id for r in ROWS}) == len(ROWS)
     json.dumps([r.id for r in ROWS])  # ids are plain strings (pytest node ids, README table)
+
+
+# ---------------------------------------------------------------------------------------------------
+# resources: a full disk while writing (simulated at the stage's writer: the library call that writes
+# the output fails halfway with ENOSPC) and a read-only output folder (real)
+
+def disk_full(obj, target, *args, **kwargs):
+    """Stands in for `write_table(table, where)`, `Dataset.to_zarr(self, store)` and `_to_zarr(ds, path)`:
+    leaves half a file where it was told to write, then fails as a full disk does."""
+    target = Path(target)
+    if target.suffix == ".parquet":
+        target.write_bytes(b"PAR1\0\0")
+    else:
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "zarr.json").write_bytes(b'{"zarr_format": 3, "node')
+    raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+
+DISK_FULL = {  # stage -> (object, attribute) of the call that writes its output
+    "digits": ("pyarrow.parquet", "write_table"),
+    "download": ("xarray.Dataset", "to_zarr"),
+    "era5_prepare": ("tasks.stages.era5_prepare", "_to_zarr"),
+}
+
+
+def _resolve(dotted: str):
+    module, _, attr = dotted.rpartition(".")
+    try:
+        return importlib.import_module(dotted)
+    except ModuleNotFoundError:
+        return getattr(importlib.import_module(module), attr)
+
+
+@pytest.mark.parametrize("stage_name", list(DISK_FULL))
+def test_a_full_disk_is_one_line_and_leaves_the_previous_output(stage_name, templates, tmp_path, monkeypatch,
+                                                                capsys):
+    stage = STAGES[stage_name]
+    work = tmp_path / "work"
+    shutil.copytree(templates[stage_name], work, symlinks=True)
+    before, output_hash = snapshot(work), hash_path(work / stage.output)
+    owner, attr = DISK_FULL[stage_name]
+    monkeypatch.setattr(_resolve(owner), attr, disk_full)
+    monkeypatch.chdir(work)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(importlib.import_module(stage.module).main, list(stage.argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"error: {stage.output}: cannot write: No space left on device"), err
+    assert snapshot(work) == before
+    assert hash_path(work / stage.output) == output_hash
+
+
+def read_only(folder: Path, cmd: list[str]) -> list[str]:
+    """`cmd` with `folder` read-only. As a user: without write bits. As root, which ignores them: a
+    read-only bind mount over it, in a mount namespace of the command's own (so nothing outside sees it)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return cmd
+    script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(folder), *cmd]
+
+
+@pytest.mark.parametrize("stage_name", ["digits", "download", "era5_prepare"])
+def test_a_read_only_output_folder_is_one_line_and_leaves_the_previous_output(stage_name, templates, tmp_path):
+    stage = STAGES[stage_name]
+    work = tmp_path / "work"
+    shutil.copytree(templates[stage_name], work, symlinks=True)
+    folder = (work / stage.output).parent
+    before, output_hash = snapshot(work), hash_path(work / stage.output)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
+    env["PYTHONPATH"] = str(REPO)
+    try:
+        proc = subprocess.run(read_only(folder, [sys.executable, "-m", stage.module, *stage.argv]), cwd=work,
+                              env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        folder.chmod(0o755)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert re.match(f"error: {stage.output}: cannot write: (Permission denied|Read-only file system)", lines[0]), lines
+    assert snapshot(work) == before
+    assert hash_path(work / stage.output) == output_hash

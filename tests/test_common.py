@@ -63,3 +63,56 @@ def test_dvc_lock_md5_reads_the_output_entry(tmp_path):
     assert dvc_lock_md5("data/x", lock) == "abc.dir"
     assert dvc_lock_md5("data/y", lock) is None
     assert dvc_lock_md5("data/x", tmp_path / "none.lock") is None
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_sweep_removes_temporaries_of_dead_writers_only(tmp_path):
+    import os
+    from tasks.platform.common import sweep_stale
+    dest = tmp_path / "out.zarr"
+    dest.mkdir()
+    dead = tmp_path / f".out.zarr.{_dead_pid()}.abc.tmp"
+    live = tmp_path / f".out.zarr.{os.getpid()}.def.tmp"   # a writer still at work
+    other = tmp_path / f".other.{_dead_pid()}.ghi.tmp"      # another output's
+    old = tmp_path / ".out.zarr.old"
+    for p in (dead, live, other, old):
+        p.mkdir()
+    (dead / "chunk").write_text("half")
+    assert sorted(sweep_stale(dest)) == sorted([dead, old])
+    assert live.exists() and other.exists() and dest.exists()
+
+
+def test_sweep_puts_back_the_previous_output_a_writer_died_between_its_renames(tmp_path):
+    from tasks.platform.common import sweep_stale
+    dest = tmp_path / "prepared"
+    old = tmp_path / ".prepared.old"
+    old.mkdir()
+    (old / "meta.json").write_text("{}")
+    sweep_stale(dest)
+    assert (dest / "meta.json").read_text() == "{}" and not old.exists()
+
+
+def test_a_new_output_sweeps_what_a_killed_writer_left(tmp_path):
+    dest = tmp_path / "d"
+    stale = tmp_path / f".d.{_dead_pid()}.xyz.tmp"
+    stale.mkdir()
+    with atomic_dir(dest) as tmp:
+        (tmp / "a").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_a_full_disk_names_the_output_not_the_temporary(tmp_path):
+    import errno
+    dest = tmp_path / "metrics" / "m.json"
+    with pytest.raises(StageError, match="cannot write: No space left on device") as e:
+        with atomic_path(dest) as tmp:
+            tmp.write_text("{")
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert e.value.path == str(dest) and list(dest.parent.iterdir()) == []

@@ -117,7 +117,7 @@ def test_consumer_rejects_missing_wrong_schema_and_nan(prepared, tmp_path):
     df = pd.read_parquet(d / "test.parquet")
     df.loc[3, "px_10"] = np.nan
     pq.write_table(pa.Table.from_pandas(df, schema=schema.SCHEMA, preserve_index=False), d / "test.parquet")
-    with pytest.raises(StageError, match="test.parquet: failed validation.*expect_column_values_to_not_be_null\\(column=px_10\\)"):
+    with pytest.raises(StageError, match=r"test.parquet: failed validation.*px_10: 1 value\(s\) null or NaN .* at row 3"):
         schema.load_splits(d)
 
     d = copy_splits(prepared[0], tmp_path / "garbage")

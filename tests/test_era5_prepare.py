@@ -509,7 +509,7 @@ def test_a_failed_store_write_publishes_nothing_and_keeps_the_previous_output(tm
         write(ds, path)
 
     monkeypatch.setattr(prep, "_to_zarr", disk_full_on_val)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StageError, match="prepared: cannot write: No space left"):
         prep.prepare(raw, out, small_cfg(split={"val": 0.3, "test": 0.2}))
     assert sorted(p.name for p in out.iterdir()) == before
     assert json.loads((out / "meta.json").read_text()) == old_meta  # not the 0.3 val split

@@ -1,4 +1,6 @@
 """MLflow on an embedded SQLite store: runs always end, registration is idempotent, champion rules."""
+import os
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -66,3 +68,34 @@ def test_champion_model_loads_and_predicts(tracking_ctx):
     tracking.promote_if_better("m", v, 1.0, True, tracking_ctx)
     model = mlflow.pytorch.load_model("models:/m@champion")
     assert model(torch.ones(3, 2)).shape == (3, 2)
+
+
+def test_runs_whose_process_died_are_marked_killed_at_the_next_start(tracking_ctx):
+    """A SIGKILLed flow leaves its runs RUNNING; the next experiment_context ends exactly those."""
+    import socket
+    import subprocess
+    import sys
+    from mlflow.tracking import MlflowClient
+    from tasks.platform import tracking
+    client = MlflowClient(tracking_ctx.tracking_uri)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owners = {"dead": f"{socket.gethostname()}:{dead.pid}:1.000",
+              "reused pid": f"{socket.gethostname()}:{os.getpid()}:1.000",   # our pid, another start time
+              "alive": tracking.owner(),
+              "other host": f"not-{socket.gethostname()}:{dead.pid}:1.000"}
+    ids = {}
+    for name, tag in owners.items():
+        ids[name] = client.create_run(tracking_ctx.experiment_id, run_name=name, tags={tracking.OWNER: tag}).info.run_id
+    tracking.experiment_context("test-exp", {"tracking_uri": tracking_ctx.tracking_uri}, {})
+    status = {name: client.get_run(i).info.status for name, i in ids.items()}
+    assert status == {"dead": "KILLED", "reused pid": "KILLED", "alive": "RUNNING", "other host": "RUNNING"}
+    assert "its process was gone" in client.get_run(ids["dead"]).data.tags["distillery.ended_by"]
+
+
+def test_every_run_names_its_owner_process(tracking_ctx):
+    from mlflow.tracking import MlflowClient
+    from tasks.platform import tracking
+    with tracking.run(tracking_ctx, "r") as run_id:
+        pass
+    assert MlflowClient(tracking_ctx.tracking_uri).get_run(run_id).data.tags[tracking.OWNER] == tracking.owner()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -82,10 +84,40 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+# errors that mean "this output cannot be written here", whatever library met them
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+@contextlib.contextmanager
+def _output_errors(dest: Path) -> Iterator[None]:
+    """A full disk or a read-only folder met while writing `dest` becomes a StageError naming `dest`
+    (the library's own message names a temporary file, or nothing)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        raise StageError(dest, f"cannot write: {e.strerror or e} (nothing was published; the previous "
+                               f"output, if any, is intact)") from None
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `dest`; renames it onto `dest` only if the block succeeds."""
     dest = Path(dest)
+    with _output_errors(dest):
+        yield from _atomic_path(dest)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary directory beside `dest`; it replaces `dest` only if the block succeeds."""
+    dest = Path(dest)
+    with _output_errors(dest):
+        yield from _atomic_dir(dest)
+
+
+def _atomic_path(dest: Path) -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(dest)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent)
@@ -99,10 +131,7 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary directory beside `dest`; it replaces `dest` only if the block succeeds."""
-    dest = Path(dest)
+def _atomic_dir(dest: Path) -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(dest)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent))
@@ -120,7 +149,22 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
         else:
             os.replace(tmp, dest)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            _remove_until_settled(tmp)
+
+
+def _remove_until_settled(path: Path, quiet: float = 0.5, limit: float = 5.0) -> None:
+    """Removes a failed temporary directory, again if it reappears within `quiet` seconds: after an
+    interrupt, an I/O thread of the writing library (zarr's event loop) may still finish a chunk,
+    re-creating the directory. Whatever comes later still is swept by the next writer."""
+    deadline = time.monotonic() + limit
+    shutil.rmtree(path, ignore_errors=True)
+    settled_at = time.monotonic() + quiet
+    while time.monotonic() < min(settled_at, deadline):
+        time.sleep(0.05)
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            settled_at = time.monotonic() + quiet
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import re
+import socket
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -75,6 +76,10 @@ def experiment_context(name: str, params: dict[str, Any], lineage: dict[str, str
     if exp is None:
         client.create_experiment(name, artifact_location=artifact_location(uri, params.get("artifact_root"), name))
         exp = client.get_experiment_by_name(name)
+    ended = end_orphaned_runs(client, exp.experiment_id)
+    if ended:
+        logging.getLogger(__name__).warning("%s: marked %d run(s) KILLED whose process had died: %s",
+                                            name, len(ended), ", ".join(ended))
     # the store's identity: its URI and when its Default experiment (created with the store) was made
     default = client.get_experiment("0")
     return RunContext(tracking_uri=uri, experiment_id=exp.experiment_id,
@@ -158,7 +163,46 @@ class EpochLogger:
 def _tags(ctx: RunContext, tags: dict[str, Any] | None) -> dict[str, str]:
     out = {f"{TAG}{k}": str(v) for k, v in ctx.lineage.items()}
     out.update({f"{TAG}{k}": str(v) for k, v in (tags or {}).items()})
+    out[OWNER] = owner()
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# runs whose process died (SIGKILL, OOM, power): RUNNING forever unless someone ends them
+
+OWNER = f"{TAG}owner"  # host:pid:start time of the process that opened the run
+
+
+def owner(pid: int | None = None) -> str:
+    import psutil
+    proc = psutil.Process(pid)
+    return f"{socket.gethostname()}:{proc.pid}:{proc.create_time():.3f}"
+
+
+def owner_alive(tag: str) -> bool | None:
+    """Whether the process named by an owner tag still runs; None when it ran on another host (or the
+    tag is not ours), where this process cannot tell."""
+    import psutil
+    host, _, rest = tag.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:  # the start time tells a reused pid from the owner
+        return f"{psutil.Process(int(pid)).create_time():.3f}" == started
+    except psutil.NoSuchProcess:
+        return False
+
+
+def end_orphaned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Marks KILLED the experiment's RUNNING runs whose process on this host is gone; returns their ids.
+    Runs from other hosts are left alone: only their own host can tell whether they still run."""
+    ended = []
+    for r in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        if owner_alive(r.data.tags.get(OWNER, "")) is False:
+            client.set_tag(r.info.run_id, f"{TAG}ended_by", f"{owner()} (its process was gone)")
+            client.set_terminated(r.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+            ended.append(r.info.run_id)
+    return ended
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

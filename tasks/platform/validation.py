@@ -61,6 +61,8 @@ def _describe(r: Any) -> str:
             rule = f"outside [{fmt(kwargs.get('min_value'))}, {fmt(kwargs.get('max_value'))}]"
         elif "value_set" in kwargs:
             rule = "not in the allowed set"
+        elif cfg.type == "expect_column_values_to_not_be_null":
+            rule = "null or NaN"
         else:
             rule = "unexpected"
         where = ", ".join(f"{fmt(v)} at row {i}" for v, i in list(zip(values, rows))[:3])
