@@ -57,7 +57,7 @@ def sweep_stale(dest: str | os.PathLike) -> list[Path]:
     if not dest.parent.is_dir():
         return []
     removed = []
-    for tmp in dest.parent.glob(f".{glob_escape(dest.name)}.*.tmp"):
+    for tmp in dest.parent.glob(f".{_glob_escape(dest.name)}.*.tmp"):
         pid = tmp.name[len(dest.name) + 2:].split(".", 1)[0]
         if pid.isdigit() and _pid_alive(int(pid)):
             continue
@@ -73,7 +73,7 @@ def sweep_stale(dest: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def glob_escape(name: str) -> str:
+def _glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
