@@ -66,7 +66,7 @@ bench: install
 
 # `make run` killed with SIGKILL at 20 seeded random moments and rerun (README, Reliability)
 bench-kill: install
-	python benchmarks/kill_trials.py --trials 20
+	python benchmarks/kill_trials.py --trials 20 --methods hinton_kd
 
 # Re-resolve the pinned tree after editing pyproject.toml.
 lock: | $(UV)
