@@ -31,8 +31,13 @@ import pytest
 import xarray as xr
 import yaml
 
+import flows.method  # noqa: F401  (see below)
 from conftest import REPO, shared_file
 from tasks.platform.common import cli_main, hash_path
+
+# flows.method is imported here, at collection, not inside a test under capsys: Prefect binds its
+# console log handler to the sys.stderr it finds on import, and capsys closes its stream after the
+# test, which broke every later in-process flow ("I/O operation on closed file", then a recursion).
 
 UK_GRIB = "era5/xarray-data/era5-2mt-2019-03-uk.grib"
 

@@ -33,8 +33,11 @@ def raw(tmp_path_factory):
 def test_a_signal_while_writing_leaves_no_temporary(raw, sig, code, word):
     out = raw / f"prepared-{sig.name}"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # a background job (`nohup make test &`) inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: give the stage the default disposition a terminal's Ctrl-C meets
     proc = subprocess.Popen([sys.executable, "-m", "tasks.stages.era5_prepare", "--profile", "t", "raw.zarr", out.name],
-                            cwd=raw, env=env, stderr=subprocess.PIPE, text=True)
+                            cwd=raw, env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not list(raw.glob(f".{out.name}.*.tmp")):  # the temporary output exists: it is writing
