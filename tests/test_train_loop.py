@@ -232,11 +232,11 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_final_weights(tmp_path):
     ckpt = tmp_path / "ckpt" / "job.pt"
     killed = job(tmp_path / "killed.pt", ckpt, 13)  # steps 0..12 ran; the checkpoint is from step 10
     assert killed.returncode == -9 and not (tmp_path / "killed.pt").exists()
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     assert state["step"] == 10 and state["epoch"] == 2 and state["done"] == 3  # 7 batches an epoch
     resumed = job(tmp_path / "resumed.pt", ckpt, -1)
     assert resumed.returncode == 0, resumed.stderr
-    a, b = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "resumed.pt")
+    a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("straight.pt", "resumed.pt"))
     assert a["history"] == b["history"]
     for name, w in a["weights"].items():
         assert torch.equal(w, b["weights"][name]), name
