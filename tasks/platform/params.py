@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .common import StageError
 
 PARAMS_FILE = "params.yaml"
-PROFILED = ("era5", "era5_prepare")   # sections with one entry per profile (`era5_profiles`)
+PROFILED = ("era5", "era5_prepare", "video", "video_features")   # one entry per profile (`*_profiles`)
 
 
 class Section(BaseModel):
@@ -164,18 +164,142 @@ class Era5PrepareParams(Section):
     dask_above_mb: Optional[float] = Field(None, gt=0)
 
 
+class VideoSplit(Section):
+    val: float = Field(gt=0, lt=1)
+    test: float = Field(gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _room_for_train(self) -> "VideoSplit":
+        if self.val + self.test >= 1:
+            raise ValueError(f"val + test must be < 1, got {self.val} + {self.test}")
+        return self
+
+
+class VideoGenerateParams(Section):
+    """`video.<profile>.generate`: the synthetic labelled set (tasks/stages/video_synthetic.py)."""
+    n_videos: int = Field(gt=0)
+    split: VideoSplit
+    fps: int = Field(gt=0, le=120)
+    size: int = Field(ge=16, le=512)                 # square frames, pixels (even: yuv420p)
+    duration_s: list[float] = Field(min_length=2, max_length=2)   # [min, max] seconds
+    instances: list[int] = Field(min_length=2, max_length=2)      # [min, max] action instances per video
+    classes: Optional[list[str]] = None              # names from video_synthetic.CLASSES; None: all
+    pretrain_clips_per_class: int = Field(gt=0)
+    pretrain_clip_frames: int = Field(gt=0)
+    background_clips: int = Field(ge=0)
+    codec: Optional[Literal["libx264", "mpeg4"]] = None   # None: libx264 if FFmpeg has it, else mpeg4
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "VideoGenerateParams":
+        if not 0 < self.duration_s[0] <= self.duration_s[1]:
+            raise ValueError(f"duration_s must be [min, max] with 0 < min <= max, got {self.duration_s}")
+        if not 1 <= self.instances[0] <= self.instances[1]:
+            raise ValueError(f"instances must be [min, max] with 1 <= min <= max, got {self.instances}")
+        if self.size % 2:
+            raise ValueError(f"size must be even (yuv420p), got {self.size}")
+        return self
+
+
+class VideoFilesParams(Section):
+    paths: list[str] = Field(min_length=1)
+
+
+class Thumos14Params(Section):
+    annotations: str                                  # folder of <Class>_val.txt / <Class>_test.txt
+    videos: Optional[str] = None                      # folder of the raw videos; None: features precomputed
+    val_fraction: float = Field(0.1, ge=0, lt=1)      # THUMOS val videos held out as our val split
+    durations: Optional[dict[str, float]] = None      # video -> seconds; default: its last segment's end
+    seed: int = Field(0, ge=0)
+
+
+class VideoParams(Section):
+    """`video.<profile>`: the videos stage."""
+    source: Literal["generate", "files", "thumos14"]
+    generate: Optional[VideoGenerateParams] = None
+    files: Optional[VideoFilesParams] = None
+    thumos14: Optional[Thumos14Params] = None
+
+    @model_validator(mode="after")
+    def _source_section(self) -> "VideoParams":
+        if getattr(self, self.source) is None:
+            raise ValueError(f"source {self.source} needs a `{self.source}:` section")
+        return self
+
+
+class ExtractorParams(Section):
+    """`video_features.<profile>.extractors.<cbp|vlp>`: a registered extractor (models/video_encoders.py)."""
+    name: str
+    checkpoint: Optional[str] = None                  # local weights; None: random init (tests only)
+    frames: Optional[int] = Field(None, gt=0)         # frame encoders: frames embedded per snippet; None: all
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class VideoPretrainParams(Section):
+    """`video_features.<profile>.pretrain`: the video_extractors stage (small CBP and VLP)."""
+    cbp_epochs: int = Field(gt=0)
+    vlp_epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    val_fraction: float = Field(0.2, ge=0, lt=1)      # pretraining clips held out to report accuracy
+    seed: int = Field(0, ge=0)
+
+
+class PrecomputedParams(Section):
+    """Per-video feature arrays `<root>/<thumos subset>/<video>.npy` (T, D), one root per feature key."""
+    roots: dict[str, str]
+    fps: float = Field(gt=0)                          # frame rate the snippets were cut at
+    snippet_frames: int = Field(gt=0)
+    stride: int = Field(gt=0)
+
+
+class VideoFeaturesParams(Section):
+    """`video_features.<profile>`: the video_features stage."""
+    source: Literal["decode", "precomputed"] = "decode"
+    extractors: dict[str, ExtractorParams] = Field(default_factory=dict)
+    text_embeddings: Optional[str] = None             # prompt embeddings (video_extractors' text.parquet or .npy)
+    frame_size: int = Field(64, ge=8)                 # decode: short side resized to this, centre crop
+    snippet_frames: int = Field(8, gt=0)
+    stride: int = Field(8, gt=0)
+    batch_snippets: int = Field(32, gt=0)
+    queue_batches: int = Field(4, gt=0)               # decoded batches waiting for the extractors
+    max_resolution: Optional[list[int]] = Field(None, min_length=2, max_length=2)   # [width, height]
+    on_bad_video: Literal["error", "skip"] = "error"
+    device: str = Field("cpu", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    threads: Optional[int] = Field(None, gt=0)        # torch intra-op threads; None: torch's default
+    pretrain: Optional[VideoPretrainParams] = None
+    precomputed: Optional[PrecomputedParams] = None
+
+    @model_validator(mode="after")
+    def _keys(self) -> "VideoFeaturesParams":
+        if self.source == "decode" and sorted(self.extractors) != ["cbp", "vlp"]:
+            raise ValueError(f"extractors must name exactly cbp and vlp, got {sorted(self.extractors)}")
+        if self.source == "precomputed" and self.precomputed is None:
+            raise ValueError("source precomputed needs a `precomputed:` section")
+        return self
+
+
 class Params(Section):
     tracking: TrackingParams = TrackingParams()
     digits: Optional[DigitsParams] = None
     era5_profiles: list[str] = Field(default_factory=list)
     era5: dict[str, Era5Params] = Field(default_factory=dict)
     era5_prepare: dict[str, Era5PrepareParams] = Field(default_factory=dict)
+    video_profiles: list[str] = Field(default_factory=list)
+    video: dict[str, VideoParams] = Field(default_factory=dict)
+    video_features: dict[str, VideoFeaturesParams] = Field(default_factory=dict)
     methods: dict[str, MethodParams] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _profiles_exist(self) -> "Params":
         for profile in self.era5_profiles:
             for section in ("era5", "era5_prepare"):
+                if profile not in getattr(self, section):
+                    raise ValueError(f"profile {profile!r} has no section {section}.{profile}")
+        for profile in self.video_profiles:
+            for section in ("video", "video_features"):
                 if profile not in getattr(self, section):
                     raise ValueError(f"profile {profile!r} has no section {section}.{profile}")
         return self
