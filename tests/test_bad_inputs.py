@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -132,6 +133,16 @@ def build_method(work: Path, templates: dict[str, Path]) -> None:
         (work / "metrics" / f"{method}.json").write_text('{"earlier": "run"}\n')
 
 
+KITTI_FRAMES = ("000000", "000003")   # two real frames; the faults break 000003, read after 000000
+
+
+def build_kitti(work: Path) -> None:
+    for sub, ext in (("velodyne", "bin"), ("calib", "txt"), ("label_2", "txt")):
+        (work / "src/kitti" / sub).mkdir(parents=True)
+        for frame in KITTI_FRAMES:
+            shutil.copy(shared_file(f"pointcloud/kitti/training/{sub}/{frame}.{ext}"), work / "src/kitti" / sub)
+
+
 STAGES: dict[str, Stage] = {
     "digits": Stage("tasks.stages.digits", ("data/digits",), "data/digits", build_digits),
     "download": Stage("tasks.stages.era5_download", ("--profile", "t", "data/era5/raw.zarr"), "data/era5/raw.zarr",
@@ -143,6 +154,9 @@ STAGES: dict[str, Stage] = {
     # the method flow's entry point: params, declaration and inputs are checked before Prefect starts
     "hinton_kd": Stage("flows.method", ("hinton_kd",), "metrics/hinton_kd.json", None),
     "pangu": Stage("flows.method", ("pangu",), "metrics/pangu.json", None),
+    # the point-cloud readers' check command (issue 13): reads every KITTI frame, writes a summary
+    "kitti": Stage("tasks.kinds.detection3d.io", ("src/kitti", "data/kitti_check.json"), "data/kitti_check.json",
+                   build_kitti),
 }
 
 
@@ -309,8 +323,32 @@ def set_key(dotted: str, value) -> Callable[[Path], None]:
     return edit_params(edit)
 
 
+def append_bytes(rel: str, extra: bytes) -> Callable[[Path], None]:
+    return lambda work: (work / rel).write_bytes((work / rel).read_bytes() + extra)
+
+
+def poke_float(rel: str, point: int, column: int, value: float, features: int = 4) -> Callable[[Path], None]:
+    def fault(work: Path) -> None:
+        data = bytearray((work / rel).read_bytes())
+        struct.pack_into("<f", data, (point * features + column) * 4, value)
+        (work / rel).write_bytes(bytes(data))
+    return fault
+
+
+def edit_lines(rel: str, edit: Callable[[list[str]], list[str]]) -> Callable[[Path], None]:
+    def fault(work: Path) -> None:
+        path = work / rel
+        path.write_text("\n".join(edit(path.read_text().splitlines())) + "\n")
+    return fault
+
+
+def drop_last_value(prefix: str) -> Callable[[list[str]], list[str]]:
+    return lambda lines: [line.rsplit(" ", 1)[0] if line.startswith(prefix) else line for line in lines]
+
+
 DELETE = object()
 SRC_NC, RAW, PREP = "src/era5.nc", "data/era5/raw.zarr", "data/era5/default/prepared"
+SCAN, CALIB, LABEL = "src/kitti/velodyne/000003.bin", "src/kitti/calib/000003.txt", "src/kitti/label_2/000003.txt"
 
 ROWS = [
     # digits: the source CSV and params
@@ -393,6 +431,28 @@ ROWS = [
         "methods.hinton_kd.teacher.lr: must be > 0, got -0.003"),
     Row("method-params-loss-term", "hinton_kd", set_key("methods.hinton_kd.loss.kdd", {"weight": 1.0}), "params.yaml",
         r"loss.kdd: not a loss term of hinton_kd"),
+    # point clouds (issue 13): KITTI scans, calibration and labels
+    Row("kitti-scan-partial-point", "kitti", append_bytes(SCAN, b"\0" * 6), SCAN,
+        r"size 1809766 bytes is not a multiple of the 16-byte point \(4 float32\)"),
+    Row("kitti-scan-empty", "kitti", write_text(SCAN, ""), SCAN, "empty scan: no points"),
+    Row("kitti-scan-nan", "kitti", poke_float(SCAN, 10, 1, float("nan")), SCAN,
+        r"non-finite values \(NaN or inf\) in 1 point\(s\), first at point 10 column 1"),
+    Row("kitti-scan-inf", "kitti", poke_float(SCAN, 5, 2, float("-inf")), SCAN,
+        r"non-finite values .* first at point 5 column 2"),
+    Row("kitti-calib-missing", "kitti", remove(CALIB), CALIB, "not found"),
+    Row("kitti-calib-key-missing", "kitti", edit_lines(CALIB, lambda ls: [x for x in ls if "Tr_velo_to_cam" not in x]),
+        CALIB, "missing Tr_velo_to_cam"),
+    Row("kitti-calib-short-row", "kitti", edit_lines(CALIB, drop_last_value("R0_rect")), CALIB,
+        "line 5: R0_rect: expected 9 values, found 8"),
+    Row("kitti-calib-not-a-number", "kitti", edit_lines(CALIB, lambda ls: [x.replace("P2: 7.", "P2: 7,") for x in ls]),
+        CALIB, "line 3: P2: not a number: '7,215377000000e\\+02'"),
+    Row("kitti-label-missing", "kitti", remove(LABEL), LABEL, "not found"),
+    Row("kitti-label-short-line", "kitti", edit_lines(LABEL, drop_last_value("Car")), LABEL,
+        "line 1: expected 15 fields \\(16 with a score\\), found 14"),
+    Row("kitti-label-not-a-number", "kitti", edit_lines(LABEL, lambda ls: [x.replace(" 13.22 ", " 13,22 ") for x in ls]),
+        LABEL, "line 1: not a number: '13,22'"),
+    Row("kitti-label-unknown-type", "kitti", edit_lines(LABEL, lambda ls: [x.replace("Car ", "car ", 1) for x in ls]),
+        LABEL, "line 1: unknown object type 'car'"),
 ]
 
 
@@ -461,7 +521,7 @@ def test_bad_input_exits_1_with_one_line_and_writes_nothing(row, templates, tmp_
 
 # one row per stage as a real process: warnings or log lines would show on its stderr
 CLI_ROWS = ["digits-pixel-above-16", "nc-time-gap", "grib-truncated", "raw-nan-field", "prepared-chunk-missing",
-            "parquet-pixel-out-of-range"]
+            "parquet-pixel-out-of-range", "kitti-scan-nan"]
 
 
 @pytest.mark.parametrize("row", [r for r in ROWS if r.id in CLI_ROWS], ids=CLI_ROWS)
