@@ -17,9 +17,9 @@ The rules are spconv 2.3's CPU `Point2VoxelCPU::point_to_voxel_static`, read fro
 No per-point Python. A point's first cell-mate comes from `CellTable`, a dense int32 table over the
 grid (kept between calls, as spconv keeps its own) filled by one `scatter_reduce(amax)` and read back
 by one gather; without a table (`hard_voxelize`), from a stable sort of the cell keys. Voxel ids are a
-running count of first points; the k-th point of every voxel comes from one `scatter_reduce(amin)`
-over the points still waiting, round by round (cheap while voxels hold few points), or from one
-stable sort of those points when voxels are dense. benchmarks/voxelize.py has the speeds.
+running count of first points. The later points of each voxel go to slots 1.. after a stable sort by
+voxel id; on CPU every stable sort is a radix sort on 16-bit digits (numpy's, for uint16), since
+torch's comparison sort is ~20× slower here. benchmarks/voxelize.py has the speeds.
 """
 from __future__ import annotations
 
@@ -192,7 +192,8 @@ class CellTable:
 
 def _first_by_sort(key: torch.Tensor, cells: torch.Tensor, grid: VoxelGrid) -> tuple[torch.Tensor, torch.Tensor]:
     n = key.numel()
-    skey, perm = torch.sort(key, stable=True)        # stable: a run's first element is its first point
+    perm = _stable_argsort(key)                      # stable: a run's first element is its first point
+    skey = key.index_select(0, perm)
     new = torch.ones(n, dtype=torch.bool, device=key.device)
     new[1:] = skey[1:] != skey[:-1]
     run = torch.cumsum(new, 0) - 1
@@ -245,36 +246,30 @@ def _coords(cells: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # hard voxelization
 
+def _stable_argsort(values: torch.Tensor) -> torch.Tensor:
+    """Indices that sort non-negative integers, equal values kept in input order. On CPU an LSD radix
+    sort on 16-bit digits (numpy's stable sort of uint16 is a radix sort: one linear pass a digit),
+    where torch's comparison sort costs ~50 ns an element on these machines; elsewhere torch.sort."""
+    if values.device.type != "cpu":
+        return torch.sort(values, stable=True).indices
+    a = values.numpy()
+    order = np.argsort((a & 0xFFFF).astype(np.uint16), kind="stable")
+    if a.size and int(a.max()) >= 2**16:
+        high = a[order] >> 16
+        high = high.astype(np.uint16) if int(high.max()) < 2**16 else high
+        order = order[np.argsort(high, kind="stable")]
+    return torch.from_numpy(order)
+
+
 def _fill_slots(points: torch.Tensor, flat: torch.Tensor, later: torch.Tensor, voxel: torch.Tensor,
-                max_points: int) -> None:
-    """Writes the later points of each voxel (`later`, ascending, in voxels `voxel`) into slots 1..
-    (input order) of `flat` (M * max_points, C). Round k gives every voxel its k-th point with one
-    scatter(amin) over the points still waiting, which is cheap while voxels hold few points; when
-    most points keep waiting (dense voxels), one stable sort by voxel orders the rest instead."""
-    n = points.shape[0]
-    nxt = torch.empty(flat.shape[0] // max_points, dtype=torch.int64, device=points.device)
-    k = 1
-    while k < max_points and later.numel():
-        if k > 1 and max_points - k > 2 and later.numel() > 0.5 * waiting:
-            return _fill_slots_by_sort(points, flat, later, voxel, max_points, k)
-        waiting = later.numel()
-        nxt.index_fill_(0, voxel, n).scatter_reduce_(0, voxel, later, "amin")   # touches only these voxels
-        won = nxt.index_select(0, voxel) == later
-        flat.index_copy_(0, torch.masked_select(voxel, won).mul_(max_points).add_(k),
-                         points.index_select(0, torch.masked_select(later, won)))
-        lost = ~won
-        later, voxel = torch.masked_select(later, lost), torch.masked_select(voxel, lost)
-        k += 1
-
-
-def _fill_slots_by_sort(points, flat, later, voxel, max_points: int, k: int) -> None:
-    """Slot = k + how many waiting points of the same voxel came before."""
-    sv, order = torch.sort(voxel, stable=True)
-    new = torch.ones(sv.numel(), dtype=torch.bool, device=sv.device)
-    new[1:] = sv[1:] != sv[:-1]
-    idx = torch.arange(sv.numel(), device=sv.device)
-    start = torch.cummax(torch.where(new, idx, 0), 0).values    # index where each run of a voxel starts
-    slot = idx.sub_(start).add_(k)
+                counts: torch.Tensor, max_points: int) -> None:
+    """Writes the later points of each voxel (`later` ascending, in voxels `voxel`, `counts` of them per
+    voxel) into slots 1.. of `flat` (M * max_points, C): stably sorted by voxel, a point's slot is 1 +
+    its place in its voxel's run."""
+    order = _stable_argsort(voxel)
+    sv = voxel.index_select(0, order)
+    start = torch.cumsum(counts, 0).sub_(counts)                        # where each voxel's run begins
+    slot = torch.arange(1, sv.numel() + 1, device=sv.device).sub_(start.index_select(0, sv))
     take = torch.nonzero(slot < max_points).squeeze(1)
     dest = sv.index_select(0, take).mul_(max_points).add_(slot.index_select(0, take))
     flat.index_copy_(0, dest, points.index_select(0, later.index_select(0, order.index_select(0, take))))
@@ -299,8 +294,9 @@ def _hard(points: torch.Tensor, grid: VoxelGrid, max_points: int, max_voxels: in
             later &= a.rank <= m                         # … and were kept
         later = torch.nonzero(later).squeeze(1)
         voxel = point_voxel.index_select(0, later)
-        num = torch.bincount(voxel, minlength=m).add_(1).clamp_max_(max_points).to(torch.int32)
-        _fill_slots(points, voxels.view(m * max_points, c), later, voxel, max_points)
+        counts = torch.bincount(voxel, minlength=m)
+        num = (counts + 1).clamp_max_(max_points).to(torch.int32)
+        _fill_slots(points, voxels.view(m * max_points, c), later, voxel, counts, max_points)
     return HardVoxels(voxels, _coords(a.cells, a.kept), num, point_voxel)
 
 

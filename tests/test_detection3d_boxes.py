@@ -2,10 +2,18 @@
 estimate, NMS against a plain greedy loop."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
-import shapely
 import torch
+
+try:
+    import shapely   # dev dependency, to be pinned: shapely==2.2.0
+except ImportError:
+    if os.environ.get("CI") == "true":
+        raise
+    pytest.skip("shapely is not installed", allow_module_level=True)
 
 from tasks.kinds.detection3d.boxes import bev_corners, bev_iou, iou_3d, nms_bev, points_in_boxes
 
