@@ -34,6 +34,7 @@ import yaml
 
 import flows.method  # noqa: F401  (see below)
 from conftest import REPO, shared_file
+import video_fixtures as vf  # noqa: E402  (tests/video_fixtures.py)
 from tasks.platform.common import cli_main, hash_path
 
 # flows.method is imported here, at collection, not inside a test under capsys: Prefect binds its
@@ -154,6 +155,11 @@ STAGES: dict[str, Stage] = {
     # the method flow's entry point: params, declaration and inputs are checked before Prefect starts
     "hinton_kd": Stage("flows.method", ("hinton_kd",), "metrics/hinton_kd.json", None),
     "pangu": Stage("flows.method", ("pangu",), "metrics/pangu.json", None),
+    # video (issue 12): the generator's params; the features stage's videos, extractors and params
+    "videos": Stage("tasks.stages.videos", ("--profile", "t", vf.VIDEOS), vf.VIDEOS,
+                    lambda work: (work / "params.yaml").write_text(yaml.safe_dump(vf.params()))),
+    "video_features": Stage("tasks.stages.video_features", ("--profile", "t", vf.VIDEOS, vf.FEATURES), vf.FEATURES,
+                            vf.build_videos),
     # the point-cloud readers' check command (issue 13): reads every KITTI frame, writes a summary
     "kitti": Stage("tasks.kinds.detection3d.io", ("src/kitti", "data/kitti_check.json"), "data/kitti_check.json",
                    build_kitti),
@@ -348,6 +354,7 @@ def drop_last_value(prefix: str) -> Callable[[list[str]], list[str]]:
 
 DELETE = object()
 SRC_NC, RAW, PREP = "src/era5.nc", "data/era5/raw.zarr", "data/era5/default/prepared"
+VIDEO = f"{vf.VIDEOS}/video_0001.mp4"
 SCAN, CALIB, LABEL = "src/kitti/velodyne/000003.bin", "src/kitti/calib/000003.txt", "src/kitti/label_2/000003.txt"
 
 ROWS = [
@@ -431,6 +438,44 @@ ROWS = [
         "methods.hinton_kd.teacher.lr: must be > 0, got -0.003"),
     Row("method-params-loss-term", "hinton_kd", set_key("methods.hinton_kd.loss.kdd", {"weight": 1.0}), "params.yaml",
         r"loss.kdd: not a loss term of hinton_kd"),
+    # videos: the generator's params
+    Row("videos-params-fps-zero", "videos", set_key("video.t.generate.fps", 0), "params.yaml",
+        "video.t.generate.fps: must be > 0"),
+    Row("videos-params-unknown-class", "videos", set_key("video.t.generate.classes", ["purple_blob_dance"]),
+        "params.yaml", r"video.t.generate.classes: unknown \['purple_blob_dance'\]"),
+    Row("videos-params-no-source-section", "videos", set_key("video.t.generate", DELETE), "params.yaml",
+        "video.t: source generate needs a `generate:` section"),
+    # video_features: one video file broken (the others' features exist and are kept), or params
+    Row("video-truncated-mp4", "video_features", truncate(VIDEO, 0.6), VIDEO,
+        r"not a readable video \(truncated, or not a video container\)"),
+    Row("video-truncated-avi", "video_features", lambda w: vf.truncated_avi(w / VIDEO), VIDEO,
+        "truncated: .* of the 40 frames the container lists decode"),
+    Row("video-zero-byte", "video_features", write_text(VIDEO, ""), VIDEO, r"empty file \(0 bytes\)"),
+    Row("video-zero-frames", "video_features", lambda w: vf.zero_frames(w / VIDEO), VIDEO,
+        "zero frames: the video stream holds no decodable frame"),
+    Row("video-audio-only", "video_features", lambda w: vf.audio_only(w / VIDEO), VIDEO,
+        r"no video stream \(streams: audio\)"),
+    Row("video-unknown-codec", "video_features", lambda w: vf.unknown_codec(w / VIDEO), VIDEO,
+        "unknown or unsupported video codec"),
+    Row("video-html-not-a-video", "video_features", write_text(VIDEO, "<html><body>404</body></html>"), VIDEO,
+        "not a readable video"),
+    Row("video-above-max-resolution", "video_features", set_key("video_features.t.max_resolution", [32, 32]),
+        f"{vf.VIDEOS}/video_0000.mp4", "resolution 48x48 exceeds video_features.t.max_resolution 32x32"),
+    Row("video-file-missing", "video_features", remove(VIDEO), VIDEO, "video file not found"),
+    Row("video-manifest-missing", "video_features", remove(f"{vf.VIDEOS}/manifest.json"),
+        f"{vf.VIDEOS}/manifest.json", r"not found \(run `dvc repro videos`\)"),
+    Row("video-annotation-unknown-label", "video_features",
+        edit_lines(f"{vf.VIDEOS}/annotations.json", lambda ls: [l.replace('"red_square_slide"', '"red_squares"') for l in ls]),
+        f"{vf.VIDEOS}/annotations.json", r"video video_\d+: unknown label 'red_squares'"),
+    Row("video-checkpoint-missing", "video_features", remove(f"{vf.EXTRACTORS}/cbp.pt"), f"{vf.EXTRACTORS}/cbp.pt",
+        r"checkpoint of extractor cbp \(small_c3d\) not found"),
+    Row("video-checkpoint-other-extractor", "video_features",
+        lambda w: shutil.copy(w / vf.EXTRACTORS / "vlp.pt", w / vf.EXTRACTORS / "cbp.pt"), f"{vf.EXTRACTORS}/cbp.pt",
+        r"cannot load extractor cbp \(small_c3d\): checkpoint holds extractor 'small_clip'"),
+    Row("video-params-on-bad-video", "video_features", set_key("video_features.t.on_bad_video", "ignore"),
+        "params.yaml", "video_features.t.on_bad_video: must be one of"),
+    Row("video-params-extractor-key", "video_features", set_key("video_features.t.extractors.flow", {"name": "i3d"}),
+        "params.yaml", "video_features.t: extractors must name exactly cbp and vlp"),
     # point clouds (issue 13): KITTI scans, calibration and labels
     Row("kitti-scan-partial-point", "kitti", append_bytes(SCAN, b"\0" * 6), SCAN,
         r"size 1809766 bytes is not a multiple of the 16-byte point \(4 float32\)"),
@@ -521,7 +566,7 @@ def test_bad_input_exits_1_with_one_line_and_writes_nothing(row, templates, tmp_
 
 # one row per stage as a real process: warnings or log lines would show on its stderr
 CLI_ROWS = ["digits-pixel-above-16", "nc-time-gap", "grib-truncated", "raw-nan-field", "prepared-chunk-missing",
-            "parquet-pixel-out-of-range", "kitti-scan-nan"]
+            "parquet-pixel-out-of-range", "videos-params-fps-zero", "video-truncated-avi", "kitti-scan-nan"]
 
 
 @pytest.mark.parametrize("row", [r for r in ROWS if r.id in CLI_ROWS], ids=CLI_ROWS)

@@ -73,6 +73,24 @@ def test_a_data_stage_depends_on_what_it_imports_and_no_training_code(stage, mod
     assert not any(f.startswith(("tasks/train", "tasks/steps", "flows/", "models/")) for f in files)
 
 
+VIDEO_STAGES = [("videos@default", "tasks.stages.videos"), ("video_extractors", "tasks.stages.video_extractors"),
+                ("video_features@default", "tasks.stages.video_features"),
+                ("video_features@samples", "tasks.stages.video_features")]
+
+
+@pytest.mark.parametrize("stage,module", VIDEO_STAGES, ids=[s for s, _ in VIDEO_STAGES])
+def test_a_video_stage_depends_on_exactly_what_it_imports(stage, module):
+    files = imported_project_files(f"import {module}")
+    deps = stage_deps(stage)
+    assert covered(files, deps) == []
+    code_deps = {d for d in deps if d.startswith(("tasks/", "models/", "flows/"))}
+    assert code_deps <= files, f"deps it does not import: {sorted(code_deps - files)}"
+    # the extractors are models (plain PyTorch), but nothing of training: no loop, flow, method or family
+    assert not any(f.startswith(("tasks/train", "tasks/steps", "tasks/methods", "flows/")) for f in files)
+    assert {f for f in files if f.startswith("models/")} <= {"models/__init__.py", "models/registry.py",
+                                                             "models/video_encoders.py"}
+
+
 def test_the_cache_key_hashes_the_training_code_and_changes_with_it(tmp_path):
     import shutil
     for rel in ("flows", "tasks", "models"):

@@ -349,7 +349,7 @@ def build(profile: str, videos_dir: str | Path, out_dir: str | Path) -> dict[str
             try:
                 if path is None:
                     raise BadVideo(videos_dir / "manifest.json", f"video {vid} has no file (raw videos not listed)")
-                infos[vid] = probe(path, max_res)
+                infos[vid] = probe(path, max_res, f"video_features.{profile}.max_resolution")
             except BadVideo as err:
                 if on_bad == "error":
                     raise StageError(err.path, err.problem) from None

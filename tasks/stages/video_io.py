@@ -42,8 +42,10 @@ def _ffmpeg_reason(e: Exception) -> str:
     return str(getattr(e, "strerror", None) or e).strip()
 
 
-def probe(path: str | Path, max_resolution: tuple[int, int] | None = None) -> VideoInfo:
-    """Opens `path` and decodes its first frame; BadVideo names the file and what is wrong."""
+def probe(path: str | Path, max_resolution: tuple[int, int] | None = None,
+          limit_name: str = "max_resolution") -> VideoInfo:
+    """Opens `path` and decodes its first frame; BadVideo names the file and what is wrong.
+    `limit_name`: how the error names the resolution limit (its params key)."""
     import av
 
     path = Path(path)
@@ -57,8 +59,10 @@ def probe(path: str | Path, max_resolution: tuple[int, int] | None = None) -> Vi
         raise BadVideo(path, f"not a readable video (truncated, or not a video container): "
                              f"{_ffmpeg_reason(e)}") from None
     with container:
+        if not container.streams:
+            raise BadVideo(path, "no streams at all: an empty container (zero frames)")
         if not container.streams.video:
-            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            kinds = sorted({s.type for s in container.streams})
             raise BadVideo(path, f"no video stream (streams: {', '.join(kinds)})")
         stream = container.streams.video[0]
         ctx = stream.codec_context
@@ -70,7 +74,7 @@ def probe(path: str | Path, max_resolution: tuple[int, int] | None = None) -> Vi
         if width <= 0 or height <= 0:
             raise BadVideo(path, f"no frame size in the video stream ({width}x{height})")
         if max_resolution is not None and (width > max_resolution[0] or height > max_resolution[1]):
-            raise BadVideo(path, f"resolution {width}x{height} exceeds max_resolution "
+            raise BadVideo(path, f"resolution {width}x{height} exceeds {limit_name} "
                                  f"{max_resolution[0]}x{max_resolution[1]}")
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0

@@ -182,6 +182,10 @@ def plan_video(rng: np.random.Generator, classes: tuple[ActionClass, ...], n_fra
         if free >= (n + 1) * fps // 2 or n == 1:
             break
         n -= 1
+    if free < 0:  # one instance longer than a short video: shrink its three windows alike
+        k = n_frames / (n_frames - free)
+        windows = [(c, max(1, int(p * k)), max(2, int(m * k)), max(1, int(q * k))) for c, p, m, q in windows]
+        free = n_frames - sum(p + m + q for _, p, m, q in windows)
     free = max(free, 0)
     gaps = np.floor(rng.dirichlet(np.ones(n + 1)) * free).astype(int)
     out, t = [], int(gaps[0])
