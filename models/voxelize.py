@@ -19,7 +19,9 @@ grid (kept between calls, as spconv keeps its own) filled by one `scatter_reduce
 by one gather; without a table (`hard_voxelize`), from a stable sort of the cell keys. Voxel ids are a
 running count of first points. The later points of each voxel go to slots 1.. after a stable sort by
 voxel id; on CPU every stable sort is a radix sort on 16-bit digits (numpy's, for uint16), since
-torch's comparison sort is ~20× slower here. benchmarks/voxelize.py has the speeds.
+torch's comparison sort is ~20× slower here. Points move as single 16-byte elements where C = 4.
+benchmarks/voxelize.py has the speeds (about 0.5-0.9× spconv's C++ loop on one core, 70-130× the
+Python loop): what is left is ~20 passes over the points, where spconv makes one.
 """
 from __future__ import annotations
 
@@ -209,9 +211,8 @@ def _first_by_sort(key: torch.Tensor, cells: torch.Tensor, grid: VoxelGrid) -> t
 class _Assignment(NamedTuple):
     cells: torch.Tensor        # (3, N) int32, rows x, y, z
     kept: torch.Tensor         # (M,) int64 first point of each voxel, in first-appearance order
-    rank: torch.Tensor         # (N,) int32 voxel id + 1: 0 when out of range (past max_voxels: > M)
+    point_voxel: torch.Tensor  # (N,) int64 voxel id: -1 when out of range or past max_voxels
     is_first: torch.Tensor     # (N,) bool
-    num_all: int               # voxels before max_voxels
 
 
 def _assign(points: torch.Tensor, grid: VoxelGrid, max_voxels: int | None, table: CellTable | None) -> _Assignment:
@@ -220,22 +221,18 @@ def _assign(points: torch.Tensor, grid: VoxelGrid, max_voxels: int | None, table
     key = _keys(cells, grid)
     first, is_first = _first_by_sort(key, cells, grid) if table is None else table.first(key)
     # voxel ids in first-appearance order: a running count of first points, read at each point's first
-    count = torch.zeros(n + 1, dtype=torch.int32, device=dev)
-    torch.cumsum(is_first, 0, dtype=torch.int32, out=count[1:])
-    num_all = int(count[-1])
-    rank = count.index_select(0, first.clamp_min_(-1).add_(1))   # out of range: count[0] = 0
+    count = torch.full((n + 1,), -1, dtype=torch.int64, device=dev)    # count[0]: out of range
+    torch.cumsum(is_first, 0, out=count[1:])
+    num_all = int(count[-1]) + 1 if n else 0
+    count[1:].sub_(1)
+    point_voxel = count.index_select(0, first.clamp_min_(-1).add_(1))
     m = num_all if max_voxels is None else min(num_all, max_voxels)
+    if m < num_all:
+        point_voxel.masked_fill_(point_voxel >= m, -1)
     # the first points of the kept voxels lie before the m-th first point: search only that prefix
-    end = n if m == num_all else int(torch.searchsorted(count, m))
+    end = n if m == num_all else int(torch.searchsorted(count[1:], m))
     kept = torch.nonzero(is_first[:end]).squeeze(1)
-    return _Assignment(cells, kept, rank, is_first, num_all)
-
-
-def _point_voxel(a: _Assignment) -> torch.Tensor:
-    pv = a.rank.long().sub_(1)
-    if a.kept.numel() < a.num_all:
-        pv.masked_fill_(pv >= a.kept.numel(), -1)
-    return pv
+    return _Assignment(cells, kept, point_voxel, is_first)
 
 
 def _coords(cells: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -261,18 +258,31 @@ def _stable_argsort(values: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(order)
 
 
+_RECORD = {4: torch.float32, 8: torch.float64, 16: torch.complex128}   # bytes of a point → one element
+
+
+def _records(rows: torch.Tensor) -> torch.Tensor:
+    """(K, C) as a 1-D view with one element per row when C × 4 bytes is 4, 8 or 16 (x, y, z, r), else
+    as it is: gathering and scattering whole rows as single 16-byte elements is ~4× faster than as
+    rows of 4 floats (which go element by element through the indexing kernels)."""
+    dtype = _RECORD.get(rows.shape[1] * rows.element_size())
+    if dtype is None or not rows.is_contiguous() or (rows.storage_offset() * rows.element_size()) % 16:
+        return rows
+    return rows.view(dtype).view(-1)
+
+
 def _fill_slots(points: torch.Tensor, flat: torch.Tensor, later: torch.Tensor, voxel: torch.Tensor,
                 counts: torch.Tensor, max_points: int) -> None:
     """Writes the later points of each voxel (`later` ascending, in voxels `voxel`, `counts` of them per
-    voxel) into slots 1.. of `flat` (M * max_points, C): stably sorted by voxel, a point's slot is 1 +
-    its place in its voxel's run."""
+    voxel) into slots 1.. of `flat` (M * max_points + 1 rows; the last one takes the points past
+    `max_points`, and is discarded): stably sorted by voxel, a point's slot is 1 + its place in its
+    voxel's run."""
     order = _stable_argsort(voxel)
     sv = voxel.index_select(0, order)
     start = torch.cumsum(counts, 0).sub_(counts)                        # where each voxel's run begins
     slot = torch.arange(1, sv.numel() + 1, device=sv.device).sub_(start.index_select(0, sv))
-    take = torch.nonzero(slot < max_points).squeeze(1)
-    dest = sv.index_select(0, take).mul_(max_points).add_(slot.index_select(0, take))
-    flat.index_copy_(0, dest, points.index_select(0, later.index_select(0, order.index_select(0, take))))
+    dest = torch.where(slot < max_points, sv.mul_(max_points).add_(slot), flat.shape[0] - 1)
+    flat.index_copy_(0, dest, points.index_select(0, later.index_select(0, order)))
 
 
 def _hard(points: torch.Tensor, grid: VoxelGrid, max_points: int, max_voxels: int,
@@ -283,20 +293,19 @@ def _hard(points: torch.Tensor, grid: VoxelGrid, max_points: int, max_voxels: in
     c = points.shape[1]
     a = _assign(points, grid, max_voxels, table)
     m = a.kept.numel()
-    voxels = points.new_zeros((m, max_points, c))
-    voxels[:, 0] = points.index_select(0, a.kept)
-    point_voxel = _point_voxel(a)
+    storage = points.new_zeros((m * max_points + 1, c))     # + a row for the points past max_points
+    voxels = storage[:-1].view(m, max_points, c)
+    rec, flat = _records(points), _records(storage)
+    flat[:-1].view(m, max_points, *flat.shape[1:])[:, 0] = rec.index_select(0, a.kept)   # slot 0: first points
+    point_voxel = a.point_voxel
     if max_points == 1:
         num = torch.ones(m, dtype=torch.int32, device=points.device)
     else:
-        later = (a.rank > 0) & ~a.is_first              # the other points of voxels that exist …
-        if m < a.num_all:
-            later &= a.rank <= m                         # … and were kept
-        later = torch.nonzero(later).squeeze(1)
+        later = torch.nonzero((point_voxel >= 0) & ~a.is_first).squeeze(1)   # other points of kept voxels
         voxel = point_voxel.index_select(0, later)
         counts = torch.bincount(voxel, minlength=m)
         num = (counts + 1).clamp_max_(max_points).to(torch.int32)
-        _fill_slots(points, voxels.view(m * max_points, c), later, voxel, counts, max_points)
+        _fill_slots(rec, flat, later, voxel, counts, max_points)
     return HardVoxels(voxels, _coords(a.cells, a.kept), num, point_voxel)
 
 
@@ -334,8 +343,8 @@ def dynamic_voxelize(points: torch.Tensor, grid: VoxelGrid, table: CellTable | N
     unlimited `max_points` and `max_voxels`. Without `table`, a stable sort finds first appearances."""
     _check_points(points)
     a = _assign(points, grid, None, table)
-    num = torch.bincount(a.rank, minlength=a.num_all + 1)[1:].to(torch.int32)
-    return DynamicVoxels(_coords(a.cells, a.kept), _point_voxel(a), num)
+    num = torch.bincount(a.point_voxel + 1, minlength=a.kept.numel() + 1)[1:].to(torch.int32)
+    return DynamicVoxels(_coords(a.cells, a.kept), a.point_voxel, num)
 
 
 def voxel_features(hard: HardVoxels, mode: str = "mean") -> torch.Tensor:

@@ -211,3 +211,13 @@ def test_bad_arguments_are_refused():
         hard_voxelize(torch.zeros((3, 4), dtype=torch.float64), EDGE_GRID, 1, 1)
     with pytest.raises(ValueError, match="x, y, z"):
         hard_voxelize(torch.zeros((3, 2)), EDGE_GRID, 1, 1)
+
+
+def test_nuscenes_scan_with_five_features_matches_the_reference():
+    path = shared_file("pointcloud/nuscenes/n015-2018-07-24-11-22-45+0800__LIDAR_TOP__1532402927647951.pcd.bin")
+    points = np.fromfile(path, np.float32).reshape(-1, 5)
+    grid = VoxelGrid((0.1, 0.1, 0.2), (-51.2, -51.2, -5, 51.2, 51.2, 3))   # CenterPoint's nuScenes grid
+    ref = reference(points, grid.voxel_size, grid.point_range, 10, 12000)
+    assert len(ref[1]) == 12000                                            # the cap bites (15307 voxels)
+    for out in both_paths(points, grid, 10, 12000):
+        assert_same(out, ref)
