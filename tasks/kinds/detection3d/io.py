@@ -137,7 +137,8 @@ def read_kitti_calib(path: str | os.PathLike) -> KittiCalib:
         shape = CALIB_KEYS[key]
         fields = values.split()
         if len(fields) != shape[0] * shape[1]:
-            raise StageError(path, f"line {n}: {key}: expected {shape[0] * shape[1]} values, found {len(fields)}")
+            raise StageError(path, f"line {n}: {key}: expected {shape[0] * shape[1]} values, "
+                                   f"found {len(fields)}")
         try:
             matrix = np.array([float(v) for v in fields]).reshape(shape)
         except ValueError:
@@ -211,7 +212,8 @@ def read_kitti_labels(path: str | os.PathLike, types: tuple[str, ...] = KITTI_TY
             raise StageError(path, f"line {n}: {len(fields)} fields, earlier lines have {n_fields}")
         n_fields = len(fields)
         if fields[0] not in types:
-            raise StageError(path, f"line {n}: unknown object type {fields[0]!r} (expected one of {', '.join(types)})")
+            raise StageError(path, f"line {n}: unknown object type {fields[0]!r} "
+                                   f"(expected one of {', '.join(types)})")
         try:
             values = [float(v) for v in fields[1:]]
         except ValueError:
@@ -229,7 +231,8 @@ def read_kitti_labels(path: str | os.PathLike, types: tuple[str, ...] = KITTI_TY
                        score=a[:, 14] if n_fields == 16 else None)
 
 
-def kitti_boxes_to_lidar(labels: KittiLabels, calib: KittiCalib, skip: tuple[str, ...] = ("DontCare",)) -> Boxes3D:
+def kitti_boxes_to_lidar(labels: KittiLabels, calib: KittiCalib,
+                         skip: tuple[str, ...] = ("DontCare",)) -> Boxes3D:
     """Camera-frame labels → LiDAR-frame boxes (x, y, z centre, dx=l, dy=w, dz=h, heading)."""
     keep = np.array([t not in skip for t in labels.types], dtype=bool)
     h, w, l = (labels.dimensions[keep, i] for i in range(3))
