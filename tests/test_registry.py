@@ -22,7 +22,7 @@ def test_unknown_model_names_the_registered_ones():
 
 
 def test_families_register_on_import_and_all_can_be_listed():
-    assert set(models.import_families()) == {"vision", "weather"}
+    assert {"vision", "weather", "localization"} <= set(models.import_families())
     assert {"digits_cnn", "pangu_lite", "pangu_tiny"} <= set(models.list_models())
     assert models.model_family("pangu_lite") == "weather"
 
@@ -83,10 +83,12 @@ def test_every_declared_method_has_a_params_block_and_an_output_of_its_stage_as_
     for name, p in params["methods"].items():
         s = get_method(name)
         stage = stages[s.data_stage]
+        paths = lambda outs: [next(iter(o)) if isinstance(o, dict) else o for o in outs]  # `- path: {persist: true}`
         if "foreach" in stage:  # one stage per profile: data/era5/${item}/prepared
-            outs = [o.replace("${item}", prof) for o in stage["do"]["outs"] for prof in params["era5_profiles"]]
+            profiles = params[stage["foreach"].strip("${}")]
+            outs = [o.replace("${item}", prof) for o in paths(stage["do"]["outs"]) for prof in profiles]
         else:
-            outs = stage["outs"]
+            outs = paths(stage["outs"])
         assert p["data"] in outs, f"{name}: params data {p['data']} is not an output of stage {s.data_stage}"
         if s.student:
             assert len(p["seeds"]) >= 3, "a distillation claim is checked over at least 3 seeds"
