@@ -278,7 +278,8 @@ def extract_precomputed(entries: list[dict[str, Any]], cfg: dict[str, Any], out:
                 raise StageError(path, f"not a readable .npy array: {err}") from None
             if a.ndim != 2 or not len(a):
                 raise StageError(path, f"expected a (T, D) array, got shape {a.shape}")
-            arrays[k], hashes.append(sha256_file(path))
+            arrays[k] = a
+            hashes.append(sha256_file(path))
         t = min(len(a) for a in arrays.values())  # streams may differ by a snippet at the end
         source_hash = settings_hash({"files": hashes})
         target = schema.snippet_path(out, vid)
@@ -302,7 +303,7 @@ def class_table(classes: list[dict[str, str]], text: dict[str, np.ndarray], sour
     missing = [c["prompt"] for c in classes if c["prompt"] not in text]
     if missing:
         raise StageError(source, f"no text embedding for prompt(s) {missing[:3]}")
-    dim = len(next(iter(text.values())))
+    dim = len(next(iter(text.values()))) if text else 1
     emb = np.stack([text[c["prompt"]] for c in classes]).astype(np.float32) if classes else np.zeros((0, dim), np.float32)
     return pa.table({"class_id": pa.array(np.arange(len(classes), dtype=np.int32)),
                      "name": pa.array([c["name"] for c in classes], pa.string()),

@@ -88,7 +88,7 @@ def shape_mask(shape: str, size: int, x: float, y: float, r: float, angle: float
         normals = [(-math.sin(a), math.cos(a)) for a in (math.pi / 2 + k * 2 * math.pi / 3 for k in range(3))]
         d = np.max([u * nx + v * ny for nx, ny in normals], axis=0) - 0.55 * r
     elif shape == "bar":
-        d = np.maximum(np.abs(u) - 1.1 * r * stretch, np.abs(v) - 0.35 * r)
+        d = np.maximum(np.abs(u) - 1.1 * r * stretch, np.abs(v) - 0.45 * r)
     elif shape == "cross":
         d = np.minimum(np.maximum(np.abs(u) - r, np.abs(v) - 0.3 * r), np.maximum(np.abs(u) - 0.3 * r, np.abs(v) - r))
     else:
@@ -107,7 +107,7 @@ def motion_pose(motion: str, p: float, length: float, extent: float) -> tuple[fl
     if motion == "spin":
         return 0.0, 0.0, 2 * math.pi * cycles * p, 1.0
     if motion == "pulse":
-        return 0.0, 0.0, 0.0, 1.0 + 0.9 * math.sin(math.pi * cycles * p) ** 2
+        return 0.0, 0.0, 0.0, 1.0 + 0.9 * abs(math.sin(math.pi * cycles * p))
     if motion == "orbit":
         a = 2 * math.pi * cycles * p
         return 0.3 * extent * (math.cos(a) - 1), 0.3 * extent * math.sin(a), 0.0, 1.0
