@@ -188,6 +188,43 @@ def test_forecast_methods_report_claims_runs_plots_and_a_loadable_champion(pipel
     assert u.shape == data.test.upper[:2].shape and torch.isfinite(u).all() and torch.isfinite(s).all()
 
 
+def test_video_stages_and_localization_methods_report_claims_figures_and_a_champion(pipeline):
+    """Issue 12 end to end: generated mp4s -> pretrained extractors -> snippet features -> the three
+    WTAL methods, each with its claim over seeds, figures, and a champion that localizes."""
+    import mlflow
+    import torch
+    from tasks.kinds.localization.schema import load_localization
+    root, _, _ = pipeline
+    client = client_for(root)
+    data = load_localization(root / "data/video/default/features")
+    assert data.num_classes >= 4 and {k: len(v) for k, v in data.splits.items()}["test"] > 0
+    assert len(list((root / "data/video/default/videos").rglob("*.mp4"))) >= len(data.splits["train"])
+    roles = {"wtal_cbp": {"teacher"}, "wtal_vlp": {"teacher"},
+             "wtal_dcc": {"teacher", "student_kd", "student_labels"}}
+    for method, expected in roles.items():
+        rep = json.loads((root / "metrics" / f"{method}.json").read_text())
+        assert set(rep["roles"]) == expected
+        assert rep["claim"]["verdict"] in ("holds", "refuted", "inconclusive")
+        for part in rep["claim"]["parts"]:
+            assert len(part["differences"]) == 5 and part["ci95"] is not None
+        parent = [r for r in client.search_runs([client.get_experiment_by_name(method).experiment_id])
+                  if r.data.tags["distillery.role"] == "flow"][0]
+        assert {"ap_per_class.png", "timelines.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    kd = client.search_runs([client.get_experiment_by_name("wtal_dcc").experiment_id],
+                            "tags.`distillery.role` = 'student_kd'")
+    assert len(kd) == 5 and all(0 <= r.data.metrics["test_mAP"] <= 1 for r in kd)
+    assert all({"test_cbp_mAP", "test_vlp_mAP", "test_cbp_len_ratio", "test_vlp_len_ratio"} <= set(r.data.metrics)
+               for r in kd)
+
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    model = mlflow.pytorch.load_model("models:/wtal_dcc@champion").eval()
+    test = data.splits["test"]
+    with torch.no_grad():
+        out = model({k: torch.from_numpy(v[:2]) for k, v in test.features.items()}
+                    | {"mask": torch.from_numpy(test.mask[:2])})
+    assert out["cas"].shape == (2, test.mask.shape[1], data.num_classes) and torch.isfinite(out["cas"]).all()
+
+
 def stale_stages(root, env):
     return set(json.loads(sh(["dvc", "status", "--json"], root, env).stdout))
 
