@@ -21,7 +21,7 @@ import io
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -99,9 +99,28 @@ def to_input(frames, size: int, mean, std):
     return x.reshape(*lead, 3, size, size)
 
 
-def _cosine_lr(opt, step: int, total: int, lr: float) -> None:
-    for g in opt.param_groups:
-        g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / max(total, 1)))
+def fit_steps(net: Any, batch_loss: Callable[[np.ndarray], Any], train: np.ndarray, batch_size: int, epochs: int,
+             cfg: dict[str, Any], rng: np.random.Generator) -> float:
+    """AdamW with a cosine schedule over `epochs` of seeded random batches of `train` (indices);
+    `batch_loss(idx)` gives a batch's loss. Returns the last loss. A stage's few minutes of
+    pretraining, not a method's training: no tracking, checkpoints or distillation (tasks/train)."""
+    import torch
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
+    steps_per_epoch = max(1, len(train) // batch_size)
+    total, step, loss = epochs * steps_per_epoch, 0, torch.zeros(())
+    net.train()
+    for _ in range(epochs):
+        order = rng.permutation(train)
+        for b in range(steps_per_epoch):
+            loss = batch_loss(order[b * batch_size:(b + 1) * batch_size])
+            for g in opt.param_groups:
+                g["lr"] = cfg["lr"] * 0.5 * (1 + np.cos(np.pi * step / max(total, 1)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    net.eval()
+    return float(loss.detach())
 
 
 def augment(batch: np.ndarray, rng: np.random.Generator, shift: int = 8) -> np.ndarray:
@@ -123,26 +142,13 @@ def train_cbp(clips: np.ndarray, labels: np.ndarray, train: np.ndarray, val: np.
     net = create_extractor(ext["name"], **kwargs)
     spec = net.spec
     rng = np.random.default_rng(cfg.get("seed", 0))
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
-    bs = cfg["batch_size"]
-    steps_per_epoch = max(1, len(train) // bs)
-    total = cfg["cbp_epochs"] * steps_per_epoch
-    step = 0
-    net.train()
-    for _ in range(cfg["cbp_epochs"]):
-        order = rng.permutation(train)
-        for b in range(steps_per_epoch):
-            idx = order[b * bs:(b + 1) * bs]
-            starts = rng.integers(0, clips.shape[1] - window + 1, len(idx))
-            batch = augment(np.stack([clips[i, s:s + window] for i, s in zip(idx, starts)]), rng)  # (B, N, H, W, 3)
-            x = to_input(batch, spec.size, spec.mean, spec.std).transpose(1, 2)        # (B, 3, N, S, S)
-            loss = F.cross_entropy(net(x), torch.from_numpy(labels[idx]))
-            _cosine_lr(opt, step, total, cfg["lr"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-    net.eval()
+
+    def batch_loss(idx: np.ndarray) -> torch.Tensor:
+        starts = rng.integers(0, clips.shape[1] - window + 1, len(idx))
+        batch = augment(np.stack([clips[i, s:s + window] for i, s in zip(idx, starts)]), rng)  # (B, N, H, W, 3)
+        x = to_input(batch, spec.size, spec.mean, spec.std).transpose(1, 2)            # (B, 3, N, S, S)
+        return F.cross_entropy(net(x), torch.from_numpy(labels[idx]))
+    final_loss = fit_steps(net, batch_loss, train, cfg["batch_size"], cfg["cbp_epochs"], cfg, rng)
 
     def accuracy(ids: np.ndarray) -> float:
         if not len(ids):
@@ -151,7 +157,7 @@ def train_cbp(clips: np.ndarray, labels: np.ndarray, train: np.ndarray, val: np.
             x = to_input(clips[ids, :window], spec.size, spec.mean, spec.std).transpose(1, 2)
             return float((net(x).argmax(1).numpy() == labels[ids]).mean())
     return net, {"cbp_train_accuracy": accuracy(train), "cbp_val_accuracy": accuracy(val),
-                 "cbp_final_loss": float(loss.detach())}
+                 "cbp_final_loss": final_loss}
 
 
 def train_vlp(frames: np.ndarray, targets: list[list[int]], train: np.ndarray, val: np.ndarray, text: np.ndarray,
@@ -166,30 +172,15 @@ def train_vlp(frames: np.ndarray, targets: list[list[int]], train: np.ndarray, v
     for i, ts in enumerate(targets):
         pos[i, ts] = True
     rng = np.random.default_rng(cfg.get("seed", 0) + 1)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
-    bs = cfg["batch_size"] * 2
-    steps_per_epoch = max(1, len(train) // bs)
-    total = cfg["vlp_epochs"] * steps_per_epoch
-    step = 0
 
     def logits(x):
         return net.logit_scale.exp().clamp(max=100) * net(x) @ t.T  # (B, P)
 
-    net.train()
-    for _ in range(cfg["vlp_epochs"]):
-        order = rng.permutation(train)
-        for b in range(steps_per_epoch):
-            idx = order[b * bs:(b + 1) * bs]
-            x = to_input(frames[idx], spec.size, spec.mean, spec.std)
-            lp = logits(x).log_softmax(dim=1)
-            # multi-positive InfoNCE: -log of the probability mass on the frame's prompts
-            loss = -(lp.masked_fill(~pos[idx], float("-inf")).logsumexp(dim=1)).mean()
-            _cosine_lr(opt, step, total, cfg["lr"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-    net.eval()
+    def batch_loss(idx: np.ndarray) -> torch.Tensor:
+        lp = logits(to_input(frames[idx], spec.size, spec.mean, spec.std)).log_softmax(dim=1)
+        # multi-positive InfoNCE: -log of the probability mass on the frame's prompts
+        return -(lp.masked_fill(~pos[idx], float("-inf")).logsumexp(dim=1)).mean()
+    final_loss = fit_steps(net, batch_loss, train, cfg["batch_size"] * 2, cfg["vlp_epochs"], cfg, rng)
 
     def accuracy(ids: np.ndarray) -> float:
         if not len(ids):
@@ -198,7 +189,7 @@ def train_vlp(frames: np.ndarray, targets: list[list[int]], train: np.ndarray, v
             pred = logits(to_input(frames[ids], spec.size, spec.mean, spec.std)).argmax(1)
         return float(pos[ids][torch.arange(len(ids)), pred].float().mean())
     return net, {"vlp_train_accuracy": accuracy(train), "vlp_val_accuracy": accuracy(val),
-                 "vlp_final_loss": float(loss.detach()), "vlp_logit_scale": float(net.logit_scale.detach().exp())}
+                 "vlp_final_loss": final_loss, "vlp_logit_scale": float(net.logit_scale.detach().exp())}
 
 
 def pretrain(profile: str, videos_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
