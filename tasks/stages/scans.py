@@ -262,16 +262,16 @@ def write_splits(out: Path, frames: list[dict[str, Any]]) -> None:
 def list_files(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     root = Path(cfg["root"])
     ids = cfg.get("frames") or kitti_frames(root)
-    frames = []
+    frames, classes = [], set()
     for frame in ids:
         f = read_kitti_frame(root, frame)   # every file checked by the readers
+        classes |= set(f.boxes.names)
         sha = {sub: sha256_file(root / sub / f"{frame}.{ext}")
                for sub, ext in (("velodyne", "bin"), ("calib", "txt"), ("label_2", "txt"))}
         frames.append({"frame": frame, "split": cfg.get("split", "val"), "points": len(f.points),
                        "objects": len(f.boxes), "sha256": sha})
     write_splits(out, frames)
-    classes = sorted({n for fr in ids for n in read_kitti_labels(root / "label_2" / f"{fr}.txt").types} - {"DontCare"})
-    return {"source": "files", "root": str(root), "classes": classes, "frames": frames}
+    return {"source": "files", "root": str(root), "classes": sorted(classes), "frames": frames}
 
 
 # ---------------------------------------------------------------------------------------------------
