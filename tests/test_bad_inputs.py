@@ -144,6 +144,27 @@ def build_kitti(work: Path) -> None:
             shutil.copy(shared_file(f"pointcloud/kitti/training/{sub}/{frame}.{ext}"), work / "src/kitti" / sub)
 
 
+POINTCLOUD_PARAMS = {
+    "scans": {"t": {"source": "generate", "generate": {
+        "n_scenes": 3, "split": {"val": 0.34, "test": 0.34}, "beams": 32, "elevation_deg": [2.0, -24.8],
+        "azimuth_step_deg": 2.0, "max_range": 80.0, "objects": {"Car": [2, 4], "Pedestrian": [0, 2]},
+        "placement_range": [5.0, 30.0], "min_points": 5, "seed": 0}}},
+    "voxelize": {"t": {"point_range": [0, -40, -3, 70.4, 40, 1], "voxel_size": [0.4, 0.4, 0.4],
+                       "max_points": 5, "max_voxels": 8000}}}
+PC_SCANS, PC_VOXELS = "data/pointcloud/t/scans", "data/pointcloud/t/voxels"
+
+
+def build_voxelize(work: Path) -> None:
+    from tasks.stages import scans
+    write_params(work, POINTCLOUD_PARAMS)
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        scans.build("t", PC_SCANS)
+    finally:
+        os.chdir(cwd)
+
+
 STAGES: dict[str, Stage] = {
     "digits": Stage("tasks.stages.digits", ("data/digits",), "data/digits", build_digits),
     "download": Stage("tasks.stages.era5_download", ("--profile", "t", "data/era5/raw.zarr"), "data/era5/raw.zarr",
@@ -163,6 +184,10 @@ STAGES: dict[str, Stage] = {
     # the point-cloud readers' check command (issue 13): reads every KITTI frame, writes a summary
     "kitti": Stage("tasks.kinds.detection3d.io", ("src/kitti", "data/kitti_check.json"), "data/kitti_check.json",
                    build_kitti),
+    # the point-cloud stages (issue 13): the generator's params; the voxelizer's scans and params
+    "scans": Stage("tasks.stages.scans", ("--profile", "t", PC_SCANS), PC_SCANS,
+                   lambda work: write_params(work, POINTCLOUD_PARAMS)),
+    "voxelize": Stage("tasks.stages.voxelize", ("--profile", "t", PC_SCANS, PC_VOXELS), PC_VOXELS, build_voxelize),
 }
 
 
@@ -498,6 +523,24 @@ ROWS = [
         LABEL, "line 1: not a number: '13,22'"),
     Row("kitti-label-unknown-type", "kitti", edit_lines(LABEL, lambda ls: [x.replace("Car ", "car ", 1) for x in ls]),
         LABEL, "line 1: unknown object type 'car'"),
+    # scans: the generator's params
+    Row("scans-params-azimuth-step-zero", "scans", set_key("scans.t.generate.azimuth_step_deg", 0), "params.yaml",
+        r"scans.t.generate.azimuth_step_deg: must be > 0.05, got 0"),
+    Row("scans-params-placement-beyond-range", "scans", set_key("scans.t.generate.placement_range", [5, 120]),
+        "params.yaml", r"scans.t.generate: placement_range must be \[near, far\] with 2 <= near < far <= max_range"),
+    Row("scans-params-no-source-section", "scans", set_key("scans.t.generate", DELETE), "params.yaml",
+        "scans.t: source generate needs a `generate:` section"),
+    # voxelize: the scans it reads, and its grid
+    Row("voxelize-params-grid-not-a-multiple", "voxelize", set_key("voxelize.t.voxel_size", [0.3, 0.3, 0.3]),
+        "params.yaml", r"voxelize.t: point_range's x extent 70.4 m is not a multiple of voxel_size 0.3 m"),
+    Row("voxelize-params-max-points-zero", "voxelize", set_key("voxelize.t.max_points", 0), "params.yaml",
+        "voxelize.t.max_points: must be > 0, got 0"),
+    Row("voxelize-scan-partial-point", "voxelize", append_bytes(f"{PC_SCANS}/training/velodyne/000001.bin", b"\0" * 6),
+        f"{PC_SCANS}/training/velodyne/000001.bin", r"is not a multiple of the 16-byte point"),
+    Row("voxelize-label-missing", "voxelize", remove(f"{PC_SCANS}/training/label_2/000002.txt"),
+        f"{PC_SCANS}/training/label_2/000002.txt", "not found"),
+    Row("voxelize-manifest-missing", "voxelize", remove(f"{PC_SCANS}/manifest.json"), f"{PC_SCANS}/manifest.json",
+        r"not found \(run `dvc repro scans`\)"),
 ]
 
 

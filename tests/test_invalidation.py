@@ -91,6 +91,25 @@ def test_a_video_stage_depends_on_exactly_what_it_imports(stage, module):
                                                              "models/video_encoders.py"}
 
 
+POINTCLOUD_STAGES = [(f"{stage}@{profile}", f"tasks.stages.{stage}") for stage in ("scans", "voxelize")
+                     for profile in PARAMS["pointcloud_profiles"]]
+
+
+@pytest.mark.parametrize("stage,module", POINTCLOUD_STAGES, ids=[s for s, _ in POINTCLOUD_STAGES])
+def test_a_pointcloud_stage_depends_on_exactly_what_it_imports(stage, module):
+    files = imported_project_files(f"import {module}")
+    deps = stage_deps(stage)
+    assert covered(files, deps) == []
+    code_deps = {d for d in deps if d.startswith(("tasks/", "models/", "flows/"))}
+    assert code_deps <= files, f"deps it does not import: {sorted(code_deps - files)}"
+    # data stages: nothing of training; of models/ only the voxelizer (and the package it sits in)
+    assert not any(f.startswith(("tasks/train", "tasks/steps", "tasks/methods", "flows/")) for f in files)
+    assert {f for f in files if f.startswith("models/")} <= {"models/__init__.py", "models/registry.py",
+                                                             "models/voxelize.py"}
+    if stage.startswith("voxelize@"):
+        assert f"data/pointcloud/{stage.split('@')[1]}/scans" in deps
+
+
 def test_the_cache_key_hashes_the_training_code_and_changes_with_it(tmp_path):
     import shutil
     for rel in ("flows", "tasks", "models"):

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .common import StageError
 
 PARAMS_FILE = "params.yaml"
-PROFILED = ("era5", "era5_prepare", "video", "video_features")   # one entry per profile (`*_profiles`)
+PROFILED = ("era5", "era5_prepare", "video", "video_features", "scans", "voxelize")   # one entry per profile (`*_profiles`)
 
 
 class Section(BaseModel):
@@ -281,6 +281,85 @@ class VideoFeaturesParams(Section):
         return self
 
 
+# ---------------------------------------------------------------------------------------------------
+# point clouds (issue 13): the scans and voxelize stages
+
+class ScansGenerateParams(Section):
+    """`scans.<profile>.generate`: KITTI-format scenes ray-cast by a simulated spinning LiDAR."""
+    n_scenes: int = Field(gt=0)
+    split: VideoSplit                                 # {val, test} fractions of the scenes
+    beams: int = Field(64, gt=1, le=256)
+    elevation_deg: list[float] = Field(min_length=2, max_length=2)   # [top, bottom] beam, degrees
+    azimuth_step_deg: float = Field(gt=0.05, le=10)   # horizontal resolution: rays = beams * 360 / step
+    sensor_height: float = Field(1.73, gt=0, le=5)    # metres above the ground plane
+    max_range: float = Field(80.0, gt=1, le=250)
+    range_noise: float = Field(0.02, ge=0, le=0.5)    # std of the range, metres
+    dropout: float = Field(0.05, ge=0, lt=1)          # fraction of returns lost at random
+    objects: dict[Literal["Car", "Pedestrian", "Cyclist"], list[int]]   # class -> [min, max] per scene
+    placement_range: list[float] = Field(min_length=2, max_length=2)   # [near, far] metres, object centres
+    half_fov_deg: float = Field(38.0, gt=0, le=45)    # objects within the camera's view: |azimuth| <= this
+    min_points: int = Field(5, ge=1)                  # fewer LiDAR points inside: not labelled
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "ScansGenerateParams":
+        top, bottom = self.elevation_deg
+        if not -90 < bottom < top < 90:
+            raise ValueError(f"elevation_deg must be [top, bottom] with -90 < bottom < top < 90, got "
+                             f"{self.elevation_deg}")
+        near, far = self.placement_range
+        if not 2 <= near < far <= self.max_range:
+            raise ValueError(f"placement_range must be [near, far] with 2 <= near < far <= max_range, got "
+                             f"{self.placement_range}")
+        for cls, counts in self.objects.items():
+            if len(counts) != 2 or not 0 <= counts[0] <= counts[1]:
+                raise ValueError(f"objects.{cls} must be [min, max] with 0 <= min <= max, got {self.objects[cls]}")
+        return self
+
+
+class ScansFilesParams(Section):
+    """`scans.<profile>.files`: real KITTI frames under a `training/`-like root (velodyne/, calib/, label_2/)."""
+    root: str
+    frames: Optional[list[str]] = None               # frame ids; None: every scan under velodyne/
+    split: Literal["train", "val", "test"] = "val"
+
+
+class ScansParams(Section):
+    """`scans.<profile>`: the scans stage."""
+    source: Literal["generate", "files"]
+    generate: Optional[ScansGenerateParams] = None
+    files: Optional[ScansFilesParams] = None
+
+    @model_validator(mode="after")
+    def _source_section(self) -> "ScansParams":
+        if getattr(self, self.source) is None:
+            raise ValueError(f"source {self.source} needs a `{self.source}:` section")
+        return self
+
+
+class VoxelizeParams(Section):
+    """`voxelize.<profile>`: hard voxelization of every scan (models/voxelize.py)."""
+    point_range: list[float] = Field(min_length=6, max_length=6)   # x0 y0 z0 x1 y1 z1, LiDAR frame, metres
+    voxel_size: list[float] = Field(min_length=3, max_length=3)    # dx dy dz, metres
+    max_points: int = Field(gt=0, le=256)             # points kept per voxel
+    max_voxels: int = Field(gt=0)                     # voxels kept per frame (first-appearance order)
+    features: Literal["mean", "first"] = "mean"
+
+    @model_validator(mode="after")
+    def _grid(self) -> "VoxelizeParams":
+        if min(self.voxel_size) <= 0:
+            raise ValueError(f"voxel_size must be > 0 on every axis, got {self.voxel_size}")
+        for axis, name in enumerate("xyz"):
+            extent = self.point_range[3 + axis] - self.point_range[axis]
+            if extent <= 0:
+                raise ValueError(f"point_range: {name}1 must be > {name}0, got {self.point_range}")
+            cells = extent / self.voxel_size[axis]
+            if abs(cells - round(cells)) > 1e-4 * max(1.0, cells):
+                raise ValueError(f"point_range's {name} extent {extent:g} m is not a multiple of voxel_size "
+                                 f"{self.voxel_size[axis]:g} m ({cells:.4g} cells)")
+        return self
+
+
 class Params(Section):
     tracking: TrackingParams = TrackingParams()
     digits: Optional[DigitsParams] = None
@@ -290,6 +369,9 @@ class Params(Section):
     video_profiles: list[str] = Field(default_factory=list)
     video: dict[str, VideoParams] = Field(default_factory=dict)
     video_features: dict[str, VideoFeaturesParams] = Field(default_factory=dict)
+    pointcloud_profiles: list[str] = Field(default_factory=list)
+    scans: dict[str, ScansParams] = Field(default_factory=dict)
+    voxelize: dict[str, VoxelizeParams] = Field(default_factory=dict)
     methods: dict[str, MethodParams] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -300,6 +382,10 @@ class Params(Section):
                     raise ValueError(f"profile {profile!r} has no section {section}.{profile}")
         for profile in self.video_profiles:
             for section in ("video", "video_features"):
+                if profile not in getattr(self, section):
+                    raise ValueError(f"profile {profile!r} has no section {section}.{profile}")
+        for profile in self.pointcloud_profiles:
+            for section in ("scans", "voxelize"):
                 if profile not in getattr(self, section):
                     raise ValueError(f"profile {profile!r} has no section {section}.{profile}")
         return self
