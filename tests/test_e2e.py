@@ -225,6 +225,23 @@ def test_video_stages_and_localization_methods_report_claims_figures_and_a_champ
     assert out["cas"].shape == (2, test.mask.shape[1], data.num_classes) and torch.isfinite(out["cas"]).all()
 
 
+def test_pointcloud_stages_write_kitti_scenes_and_validated_voxels(pipeline):
+    """Issue 13's data stages: ray-cast KITTI-format scenes -> voxels, readable through the contract."""
+    import numpy as np
+    from tasks.kinds.detection3d.io import read_kitti_frame
+    from tasks.kinds.detection3d.schema import load_voxels
+    root, _, _ = pipeline
+    summary, frames = load_voxels(root / "data/pointcloud/default/voxels")
+    assert len(frames) == len(list((root / "data/pointcloud/default/scans").rglob("velodyne/*.bin"))) >= 100
+    assert sum(len(f.boxes) for f in frames) > len(frames)  # several labelled objects per scene
+    scans = root / "data/pointcloud/default/scans/training"
+    kitti = read_kitti_frame(scans, frames[0].frame)  # the label files carry the voxelized frame's boxes
+    assert np.allclose(kitti.boxes.boxes, frames[0].boxes) and kitti.boxes.names == list(frames[0].names)
+    if (REPO.parent / "shared").is_dir():
+        _, real = load_voxels(root / "data/pointcloud/samples/voxels")
+        assert len(real) == 6
+
+
 def stale_stages(root, env):
     return set(json.loads(sh(["dvc", "status", "--json"], root, env).stdout))
 
