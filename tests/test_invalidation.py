@@ -73,39 +73,26 @@ def test_a_data_stage_depends_on_what_it_imports_and_no_training_code(stage, mod
     assert not any(f.startswith(("tasks/train", "tasks/steps", "flows/", "models/")) for f in files)
 
 
-VIDEO_STAGES = [("videos@default", "tasks.stages.videos"), ("video_extractors", "tasks.stages.video_extractors"),
-                ("video_features@default", "tasks.stages.video_features"),
-                ("video_features@samples", "tasks.stages.video_features")]
+# data stages that run models/ code (plain PyTorch), with the model files each may import
+MODEL_STAGES = [("videos@default", "tasks.stages.videos", "video_encoders"),
+                ("video_extractors", "tasks.stages.video_extractors", "video_encoders"),
+                ("video_features@default", "tasks.stages.video_features", "video_encoders"),
+                ("video_features@samples", "tasks.stages.video_features", "video_encoders"),
+                *[(f"{stage}@{profile}", f"tasks.stages.{stage}", "voxelize") for stage in ("scans", "voxelize")
+                  for profile in PARAMS["pointcloud_profiles"]]]
 
 
-@pytest.mark.parametrize("stage,module", VIDEO_STAGES, ids=[s for s, _ in VIDEO_STAGES])
-def test_a_video_stage_depends_on_exactly_what_it_imports(stage, module):
+@pytest.mark.parametrize("stage,module,model_file", MODEL_STAGES, ids=[s for s, _, _ in MODEL_STAGES])
+def test_a_video_or_pointcloud_stage_depends_on_exactly_what_it_imports(stage, module, model_file):
     files = imported_project_files(f"import {module}")
     deps = stage_deps(stage)
     assert covered(files, deps) == []
     code_deps = {d for d in deps if d.startswith(("tasks/", "models/", "flows/"))}
     assert code_deps <= files, f"deps it does not import: {sorted(code_deps - files)}"
-    # the extractors are models (plain PyTorch), but nothing of training: no loop, flow, method or family
+    # data stages: nothing of training; of models/ only their own file (and the package it sits in)
     assert not any(f.startswith(("tasks/train", "tasks/steps", "tasks/methods", "flows/")) for f in files)
     assert {f for f in files if f.startswith("models/")} <= {"models/__init__.py", "models/registry.py",
-                                                             "models/video_encoders.py"}
-
-
-POINTCLOUD_STAGES = [(f"{stage}@{profile}", f"tasks.stages.{stage}") for stage in ("scans", "voxelize")
-                     for profile in PARAMS["pointcloud_profiles"]]
-
-
-@pytest.mark.parametrize("stage,module", POINTCLOUD_STAGES, ids=[s for s, _ in POINTCLOUD_STAGES])
-def test_a_pointcloud_stage_depends_on_exactly_what_it_imports(stage, module):
-    files = imported_project_files(f"import {module}")
-    deps = stage_deps(stage)
-    assert covered(files, deps) == []
-    code_deps = {d for d in deps if d.startswith(("tasks/", "models/", "flows/"))}
-    assert code_deps <= files, f"deps it does not import: {sorted(code_deps - files)}"
-    # data stages: nothing of training; of models/ only the voxelizer (and the package it sits in)
-    assert not any(f.startswith(("tasks/train", "tasks/steps", "tasks/methods", "flows/")) for f in files)
-    assert {f for f in files if f.startswith("models/")} <= {"models/__init__.py", "models/registry.py",
-                                                             "models/voxelize.py"}
+                                                             f"models/{model_file}.py"}
     if stage.startswith("voxelize@"):
         assert f"data/pointcloud/{stage.split('@')[1]}/scans" in deps
 
