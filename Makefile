@@ -59,12 +59,13 @@ run-full: install
 	dvc exp run train@pangu $(FULL_OVERRIDES)
 
 bench: install
-	python -m flows.repro digits era5_prepare video_extractors
+	python -m flows.repro digits era5_prepare video_extractors voxelize
 	python benchmarks/orchestration.py
 	python benchmarks/era5_prepare.py
 	python benchmarks/pangu_step.py
 	python benchmarks/video_features.py
 	python benchmarks/voxelize.py
+	python benchmarks/sps_backbone.py
 
 # `make run` killed with SIGKILL at 20 seeded random moments and rerun (README, Reliability)
 bench-kill: install

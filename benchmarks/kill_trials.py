@@ -51,6 +51,11 @@ def small_params(params: dict[str, Any], trial: int, methods: tuple[str, ...] = 
     p["era5_profiles"] = ["default"]
     p["era5"]["default"].update(n_days=10)
     p["era5"]["default"]["synthetic"]["seed"] = trial
+    # the video and point-cloud data stages at a tenth of their size: their kill-safety is the same
+    p["video_profiles"] = p["pointcloud_profiles"] = ["default"]
+    p["video"]["default"]["generate"].update(n_videos=10, pretrain_clips_per_class=8, background_clips=4)
+    p["scans"]["default"]["generate"].update(n_scenes=12)
+    p["voxelize"]["default"]["real_frames"] = None
     small = {"hinton_kd": {"seeds": [0, 1], "teacher": {"epochs": 3}, "student": {"epochs": 3}},
              "pangu": {"seeds": [0, 1], "teacher": {"epochs": 2}}}
     p["methods"] = {m: p["methods"][m] for m in methods}

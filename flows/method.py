@@ -76,8 +76,7 @@ def method_flow(method: str, params_file: str = "params.yaml", report_path: str 
 
         evaluations = s.evaluate(spec, mp, mp.data, teachers + students, ctx)
         verdict = s.check_claim(spec, evaluations)
-        registry = s.register_models(spec, teacher, teacher_version,
-                                     [m for m in students if m.role == "student_kd"], evaluations, verdict, ctx)
+        registry = s.register_models(spec, teacher, teacher_version, students, evaluations, verdict, ctx)
         s.log_report_figures(spec, mp, mp.data, evaluations, teacher, ctx)
         extra = {"kind": spec.kind, "recipe": spec.recipe, "seeds": list(mp.seeds), "lineage": lineage,
                  **({"leads": list(spec.leads), "eval_leads": list(mp.eval_leads)} if spec.leads else {})}

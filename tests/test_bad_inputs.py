@@ -134,6 +134,14 @@ def build_method(work: Path, templates: dict[str, Path]) -> None:
         (work / "metrics" / f"{method}.json").write_text('{"earlier": "run"}\n')
 
 
+def build_detection_method(work: Path, templates: dict[str, Path]) -> None:
+    """The repo's params.yaml with the voxelize stage's output above as the detectors' data."""
+    shutil.copy(REPO / "params.yaml", work / "params.yaml")
+    shutil.copytree(templates["voxelize"] / PC_VOXELS, work / "data/pointcloud/default/voxels")
+    (work / "metrics").mkdir()
+    (work / "metrics" / "second.json").write_text('{"earlier": "run"}\n')
+
+
 KITTI_FRAMES = ("000000", "000003")   # two real frames; the faults break 000003, read after 000000
 
 
@@ -176,6 +184,7 @@ STAGES: dict[str, Stage] = {
     # the method flow's entry point: params, declaration and inputs are checked before Prefect starts
     "hinton_kd": Stage("flows.method", ("hinton_kd",), "metrics/hinton_kd.json", None),
     "pangu": Stage("flows.method", ("pangu",), "metrics/pangu.json", None),
+    "second": Stage("flows.method", ("second",), "metrics/second.json", None),
     # video (issue 12): the generator's params; the features stage's videos, extractors and params
     "videos": Stage("tasks.stages.videos", ("--profile", "t", vf.VIDEOS), vf.VIDEOS,
                     lambda work: (work / "params.yaml").write_text(yaml.safe_dump(vf.params()))),
@@ -459,6 +468,14 @@ ROWS = [
     Row("parquet-pixel-out-of-range", "hinton_kd", parquet_pixel(99.0), "data/digits/train.parquet",
         r"px_10: .*outside \[0, 16\].* row 7"),
     Row("parquet-column-missing", "hinton_kd", parquet_drop_column, "data/digits/val.parquet", "wrong schema"),
+    Row("detector-voxels-truncated", "second", truncate("data/pointcloud/default/voxels/frames/000001.npz"),
+        "data/pointcloud/default/voxels/frames/000001.npz", "not a readable voxel file"),
+    Row("detector-summary-missing", "second", remove("data/pointcloud/default/voxels/summary.json"),
+        "data/pointcloud/default/voxels/summary.json", "not found"),
+    Row("detector-params-widths", "second", set_key("methods.second.teacher.model", {"widths": [8, 8]}),
+        "params.yaml", r"methods.second.teacher.model: widths: the stem's and 2 stages', 3 values, got \(8, 8\)"),
+    Row("detector-params-unknown-option", "second", set_key("methods.second.teacher.model", {"depth": 3}),
+        "params.yaml", r"methods.second.teacher.model: unknown detector options \['depth'\]"),
     Row("method-params-lr", "hinton_kd", set_key("methods.hinton_kd.teacher.lr", -0.003), "params.yaml",
         "methods.hinton_kd.teacher.lr: must be > 0, got -0.003"),
     Row("method-params-loss-term", "hinton_kd", set_key("methods.hinton_kd.loss.kdd", {"weight": 1.0}), "params.yaml",
@@ -541,6 +558,8 @@ ROWS = [
         f"{PC_SCANS}/training/label_2/000002.txt", "not found"),
     Row("voxelize-manifest-missing", "voxelize", remove(f"{PC_SCANS}/manifest.json"), f"{PC_SCANS}/manifest.json",
         r"not found \(run `dvc repro scans`\)"),
+    Row("voxelize-real-frames-missing", "voxelize", set_key("voxelize.t.real_frames", "no/such/kitti"), "no/such/kitti",
+        r"not found \(params.yaml: voxelize.t.real_frames\)"),
 ]
 
 
@@ -564,6 +583,8 @@ def templates(tmp_path_factory, monkeypatch_module) -> dict[str, Path]:
         work = tmp_path_factory.mktemp(method)
         build_method(work, out)
         out[method] = work
+    out["second"] = tmp_path_factory.mktemp("second")
+    build_detection_method(out["second"], out)
     return out
 
 

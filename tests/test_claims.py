@@ -80,3 +80,29 @@ def test_a_single_seed_claim_is_inconclusive_and_says_so():
     claim = check_claims([Claim.parse("teacher.rmse < iterated_1h.rmse")], scores)
     assert claim["verdict"] == "inconclusive" and claim["parts"][0]["ci95"] is None
     assert "no interval (one pair)" in describe(claim)
+
+
+@pytest.mark.parametrize("statement,factor,offset", [
+    ("student_labels.gflops <= 0.6 * teacher.gflops", 0.6, 0.0),
+    ("student_labels.car_bev_ap >= teacher.car_bev_ap - 0.02", 1.0, -0.02),
+    ("a.x > 2 * b.y + 1e-3", 2.0, 0.001),
+])
+def test_a_claim_may_scale_and_shift_its_right_side(statement, factor, offset):
+    claim = Claim.parse(statement)
+    assert (claim.factor, claim.offset) == (factor, pytest.approx(offset))
+    assert Claim.parse(claim.statement) == claim  # the statement round-trips
+
+
+def test_a_ratio_claim_pairs_left_with_the_scaled_right_side():
+    # a cut of at least 40%: left <= 0.6 * right; seed by seed d = left - 0.6 * right
+    scores = {"student_labels": {"gflops": {0: 0.5, 1: 0.55, 2: 0.52}}, "teacher": {"gflops": {0: 1.0, 1: 1.0, 2: 1.0}}}
+    part = check_claim(Claim.parse("student_labels.gflops <= 0.6 * teacher.gflops"), scores)
+    assert part["differences"] == pytest.approx([-0.1, -0.05, -0.08])
+    assert part["verdict"] == "holds"
+    margin = check_claim(Claim.parse("student_labels.gflops >= teacher.gflops - 0.02"), scores)
+    assert margin["differences"] == pytest.approx([-0.48, -0.43, -0.46]) and margin["verdict"] == "refuted"
+
+
+def test_a_malformed_scaled_claim_names_the_grammar():
+    with pytest.raises(ValueError, match=r"\[<number> \*\]"):
+        Claim.parse("a.x > b.y * 2")

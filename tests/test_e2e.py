@@ -232,7 +232,10 @@ def test_pointcloud_stages_write_kitti_scenes_and_validated_voxels(pipeline):
     from tasks.kinds.detection3d.schema import load_voxels
     root, _, _ = pipeline
     summary, frames = load_voxels(root / "data/pointcloud/default/voxels")
+    real = [f for f in frames if summary["frames"][f.frame]["split"] == "real"]
+    frames = [f for f in frames if f not in real]
     assert len(frames) == len(list((root / "data/pointcloud/default/scans").rglob("velodyne/*.bin"))) >= 100
+    assert len(real) == 6 and all(f.frame.startswith("real_") for f in real)   # the real KITTI frames, scored only
     assert sum(len(f.boxes) for f in frames) > len(frames)  # several labelled objects per scene
     scans = root / "data/pointcloud/default/scans/training"
     kitti = read_kitti_frame(scans, frames[0].frame)  # the label files carry the voxelized frame's boxes
@@ -240,6 +243,47 @@ def test_pointcloud_stages_write_kitti_scenes_and_validated_voxels(pipeline):
     if (REPO.parent / "shared").is_dir():
         _, real = load_voxels(root / "data/pointcloud/samples/voxels")
         assert len(real) == 6
+
+
+def test_detection_methods_share_the_teacher_report_claims_figures_and_a_champion(pipeline):
+    """Issue 13 end to end: the voxels -> SECOND, SPS-Conv against it, and the distilled slim SPS
+    detector, each claim over seeds; the three methods train SECOND once per seed between them."""
+    import mlflow
+    import torch
+    from tasks.kinds.detection3d.kind import batch_inputs, load_detection
+    root, _, _ = pipeline
+    client = client_for(root)
+    roles = {"second": {"teacher"}, "sps_conv": {"teacher", "student_labels"},
+             "sps_student": {"teacher", "student_kd", "student_labels"}}
+    reports = {m: json.loads((root / "metrics" / f"{m}.json").read_text()) for m in roles}
+    for method, expected in roles.items():
+        rep = reports[method]
+        assert set(rep["roles"]) == expected
+        assert rep["claim"]["verdict"] in ("holds", "refuted", "inconclusive")
+        for part in rep["claim"]["parts"]:
+            assert len(part["differences"]) == 3 and part["ci95"] is not None
+        parent = [r for r in client.search_runs([client.get_experiment_by_name(method).experiment_id])
+                  if r.data.tags["distillery.role"] == "flow"][0]
+        artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+        assert {"bev_boxes.png", "pr_curves.png"} <= artifacts
+        assert ("pruning_mask.png" in artifacts) == (method != "second")
+    # SECOND's seed-s training is one run, whichever method asked for it first
+    second_runs = reports["second"]["mlflow"]["runs"]
+    for seed in (0, 1, 2):
+        assert reports["sps_conv"]["mlflow"]["runs"][f"teacher/seed{seed}"] == second_runs[f"teacher/seed{seed}"]
+    assert reports["sps_student"]["mlflow"]["runs"]["teacher/seed0"] == second_runs["teacher/seed0"]
+    for rep in reports.values():   # scored on the real KITTI frames too
+        assert {"real_car_bev_ap", "real_mAP_bev"} <= set(rep["scores"]["teacher"])
+    (flops, *_) = reports["sps_conv"]["claim"]["parts"]
+    assert flops["statement"] == "student_labels.backbone_gflops <= 0.6 * teacher.backbone_gflops"
+
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    data = load_detection(str(root / "data/pointcloud/default/voxels"))
+    for name in ("second", "sps_conv", "sps_student"):
+        model = mlflow.pytorch.load_model(f"models:/{name}@champion").eval()
+        with torch.no_grad():
+            out = model(batch_inputs(data.splits["test"].frames[:2]))
+        assert out["heatmap"].shape == (2, 3, *data.bev.cells) and torch.isfinite(out["reg"]).all()
 
 
 def stale_stages(root, env):

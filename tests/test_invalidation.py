@@ -127,3 +127,4 @@ def test_methods_with_the_same_teacher_share_its_training():
     other_store = SimpleNamespace(store_id="sqlite:////y/mlflow.db@2")
     assert key("pangu", "teacher") != _training_identity(None, {"spec": get_method("pangu"), "role": "teacher",
                                                                 "ctx": other_store})
+

@@ -46,7 +46,8 @@ def test_teacher_only_trains_a_teacher_per_seed_and_derived_models_per_seed():
 
 def test_every_composition_is_made_of_trained_units():
     for recipe, units in (("distill", {"teacher": [6, 24], "student_kd": [6], "student_labels": [6]}),
-                          ("teacher_only", {"teacher": [1, 6, 24]})):
+                          ("teacher_only", {"teacher": [1, 6, 24]}),
+                          ("compare", {"teacher": [None], "student_labels": [None]})):
         p = plan(spec(recipe), [0, 1, 2], units.__getitem__, [("iterated_1h", "teacher", (1,))] if recipe == "teacher_only" else [])
         trained = {j.key for j in p.jobs}
         assert all(set(m.members) <= trained for m in p.models)
@@ -59,4 +60,12 @@ def test_impossible_plans_are_refused():
         plan(spec("distill"), [0], {"teacher": [24], "student_kd": [6], "student_labels": [6]}.__getitem__)
     with pytest.raises(ValueError, match="at least one seed"):
         plan(spec("distill"), [], lambda role: [None])
-    assert set(RECIPES) == {"distill", "teacher_only"}
+    assert set(RECIPES) == {"distill", "teacher_only", "compare"}
+
+
+def test_compare_trains_the_reference_and_the_labels_only_student_on_every_seed():
+    p = plan(spec("compare"), [0, 1, 2], lambda role: [None])
+    assert [j.key for j in p.teachers] == [("teacher", s, None) for s in (0, 1, 2)]
+    assert [j.key for j in p.students] == [("student_labels", s, None) for s in (0, 1, 2)]
+    assert all(j.teacher is None for j in p.students)  # nothing distilled
+    assert [(m.role, m.seed) for m in p.models] == [(r, s) for r in ("teacher", "student_labels") for s in (0, 1, 2)]

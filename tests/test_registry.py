@@ -50,7 +50,8 @@ def spec(**overrides):
     ({"claim": "student_kd.accuracy > ghost.accuracy"}, "claim names unknown roles \\['ghost'\\]"),
     ({"recipe": "mutual"}, "recipe must be one of"),
     ({"recipe": "teacher_only"}, "recipe teacher_only takes no student"),
-    ({"student": None, "claim": "teacher.accuracy > student_labels.accuracy"}, "recipe distill needs student"),
+    ({"student": None, "claim": "teacher.accuracy > student_labels.accuracy"}, "recipe distill needs a student"),
+    ({"recipe": "compare", "baselines": ()}, "baselines must include .student_labels."),
 ])
 def test_a_declaration_is_checked_when_it_is_made(overrides, message):
     with pytest.raises(ValueError, match=message):

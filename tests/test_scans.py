@@ -204,6 +204,24 @@ def test_samples_profile_lists_and_voxelizes_the_real_frames(tmp_path, monkeypat
     assert vf.names == f.boxes.names and "Car" in vf.names
 
 
+def test_real_frames_join_the_generated_ones_as_split_real(generated, tmp_path, monkeypatch):
+    work, _ = generated
+    root = shared_file("pointcloud/kitti/training/velodyne/000000.bin").parents[1]
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["voxelize"]["t"]["real_frames"] = str(root)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    summary = voxelize.build("t", work / "scans", "voxels")
+    real = {k: v for k, v in summary["frames"].items() if v["split"] == "real"}
+    assert sorted(real) == [f"real_{i:06d}" for i in range(6)]
+    assert len(summary["frames"]) == len(real) + GENERATE["n_scenes"]   # the generated frames, as before
+    vf, f = read_frame("voxels/frames/real_000001.npz"), read_kitti_frame(root, "000001")
+    hard = hard_voxelize(torch.from_numpy(f.points), VoxelGrid(tuple(VOXELIZE["voxel_size"]), tuple(VOXELIZE["point_range"])),
+                         VOXELIZE["max_points"], VOXELIZE["max_voxels"])
+    np.testing.assert_array_equal(vf.coords, hard.coords.numpy())
+    np.testing.assert_allclose(vf.boxes, f.boxes.boxes)
+
+
 # ---------------------------------------------------------------------------------------------------
 # atomic output
 

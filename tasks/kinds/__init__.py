@@ -1,4 +1,4 @@
-"""Kinds: what a type of task (classification, forecast, later localization, 3D detection) brings to the
+"""Kinds: what a type of task (classification, forecast, localization, 3D detection) brings to the
 one generic flow and train loop, in the manner of torchtitan's `TrainSpec`.
 
 A kind is one object registered under its name, in a package of its own, `tasks/kinds/<name>/`:
@@ -19,7 +19,8 @@ and metrics. The flow asks it, for a method:
     test_metrics(predict, data, mp)   the method's metrics on the test split
     known_roles()                 the baseline roles it provides
     check_params(spec, mp)        its own params keys (optional), e.g. a forecast's eval_leads
-    report_figures(...)           extra figures on the flow's parent run (optional)
+    report_figures(evaluations, data, teacher, mp, product)   extra figures on the flow's parent run
+                                  (optional); `product` is the method's product model, when not the teacher
 
 A new kind is its package plus a stage module and a model file; nothing in flows/ or the train loop
 changes (tests/test_kind_seam.py runs a kind of its own through the flow).

@@ -30,7 +30,7 @@ from models.distill import create_loss, list_losses
 from ..kinds import get_kind
 from ..platform.common import StageError
 from ..platform.params import PARAMS_FILE, MethodParams, Params, load_params
-from ..steps.plan import RECIPES  # how roles, seeds and units become jobs
+from ..steps.plan import PRODUCT_ROLE, RECIPES  # how roles, seeds and units become jobs
 
 _METHODS: dict[str, "MethodSpec"] = {}
 TRAINED_BASELINES = ("student_labels",)  # the student on targets alone, same budget and seeds
@@ -41,31 +41,52 @@ TRAINED_BASELINES = ("student_labels",)  # the student on targets alone, same bu
 
 _OPS = (">=", "<=", ">", "<")
 _IDENT = r"([A-Za-z_]\w*)"
-_CLAIM_RE = re.compile(rf"^\s*{_IDENT}\.{_IDENT}\s*(>=|<=|>|<)\s*{_IDENT}\.{_IDENT}\s*$")
+_NUM = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+_CLAIM_RE = re.compile(rf"^\s*{_IDENT}\.{_IDENT}\s*(>=|<=|>|<)\s*(?:{_NUM}\s*\*\s*)?{_IDENT}\.{_IDENT}"
+                       rf"\s*(?:([+-])\s*{_NUM})?\s*$")
+
+
+def _number(x: float) -> str:
+    return f"{x:g}"
 
 
 @dataclass(frozen=True)
 class Claim:
-    """A comparison of two roles' metrics, e.g. ``student_kd.accuracy > student_labels.accuracy``,
-    checked over seeds (tasks/steps/claims.py)."""
+    """A comparison of two roles' metrics, checked over seeds (tasks/steps/claims.py), e.g.
+    ``student_kd.accuracy > student_labels.accuracy``. The right side may be scaled and shifted, for
+    a claim of a ratio or a margin: ``student_labels.gflops <= 0.6 * teacher.gflops`` (a cut of 40%),
+    ``student_labels.car_bev_ap >= teacher.car_bev_ap - 0.02`` (within 2 points)."""
     left_role: str
     left_metric: str
     op: str
     right_role: str
     right_metric: str
+    factor: float = 1.0
+    offset: float = 0.0
 
     @classmethod
     def parse(cls, statement: str) -> "Claim":
         m = _CLAIM_RE.match(statement)
         if not m:
             raise ValueError(
-                f"cannot parse claim {statement!r}: expected '<role>.<metric> <op> <role>.<metric>' "
-                f"with op in {sorted(_OPS)}")
-        return cls(*m.groups())
+                f"cannot parse claim {statement!r}: expected '<role>.<metric> <op> [<number> *] <role>.<metric> "
+                f"[+|- <number>]' with op in {sorted(_OPS)}")
+        left_role, left_metric, op, factor, right_role, right_metric, sign, offset = m.groups()
+        return cls(left_role, left_metric, op, right_role, right_metric, float(factor or 1.0),
+                   (-1.0 if sign == "-" else 1.0) * float(offset or 0.0))
 
     @property
     def statement(self) -> str:
-        return f"{self.left_role}.{self.left_metric} {self.op} {self.right_role}.{self.right_metric}"
+        right = f"{self.right_role}.{self.right_metric}"
+        if self.factor != 1.0:
+            right = f"{_number(self.factor)} * {right}"
+        if self.offset:
+            right += f" {'-' if self.offset < 0 else '+'} {_number(abs(self.offset))}"
+        return f"{self.left_role}.{self.left_metric} {self.op} {right}"
+
+    def bound(self, right: float) -> float:
+        """What the left side is compared with, given the right side's value."""
+        return self.factor * right + self.offset
 
     @property
     def roles(self) -> tuple[str, str]:
@@ -102,7 +123,7 @@ class MethodSpec:
     higher_is_better: bool
     baselines: tuple[str, ...]
     claim: str | tuple[str, ...]     # one comparison, or several that must all hold
-    recipe: str = "distill"          # tasks/steps/plan.py: "distill" or "teacher_only"
+    recipe: str = "distill"          # tasks/steps/plan.py: "distill", "teacher_only" or "compare"
     # module paths whose outputs the loss terms read (torchdistill's forward_hook), per side
     feature_taps: dict[str, tuple[str, ...]] = field(default_factory=dict)
     leads: tuple[int, ...] = ()      # forecast: lead times (hours) of the teacher's models
@@ -111,9 +132,12 @@ class MethodSpec:
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
             raise ValueError(f"method {self.name!r}: recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}")
-        if (self.recipe == "distill") != (self.student is not None):
+        if (self.recipe == "teacher_only") == (self.student is not None):
             raise ValueError(f"method {self.name!r}: recipe {self.recipe} "
-                             f"{'needs' if self.recipe == 'distill' else 'takes no'} student")
+                             f"{'takes no' if self.recipe == 'teacher_only' else 'needs a'} student")
+        if self.recipe == "compare" and "student_labels" not in self.baselines:
+            raise ValueError(f"method {self.name!r}: recipe compare trains the student on targets alone: "
+                             f"baselines must include 'student_labels'")
         known = set(self.roles)
         for claim in self.claims:  # parsed now: fail at import time, not after an hour of training
             unknown = set(claim.roles) - known
@@ -128,7 +152,12 @@ class MethodSpec:
 
     @property
     def roles(self) -> tuple[str, ...]:
-        return ("teacher", *(("student_kd",) if self.student else ()), *self.baselines)
+        return ("teacher", *(("student_kd",) if self.recipe == "distill" else ()), *self.baselines)
+
+    @property
+    def product_role(self) -> str:
+        """The role registered under the method's name (its best seed on validation)."""
+        return PRODUCT_ROLE[self.recipe]
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:

@@ -344,6 +344,8 @@ class VoxelizeParams(Section):
     max_points: int = Field(gt=0, le=256)             # points kept per voxel
     max_voxels: int = Field(gt=0)                     # voxels kept per frame (first-appearance order)
     features: Literal["mean", "first"] = "mean"
+    # a KITTI `training` folder whose frames are voxelized too, as split `real`: scored, never trained on
+    real_frames: Optional[str] = None
 
     @model_validator(mode="after")
     def _grid(self) -> "VoxelizeParams":

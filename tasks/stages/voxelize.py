@@ -7,7 +7,9 @@ sha256 the scans stage listed), hard-voxelized with models/voxelize.py (`point_r
 `max_points`, `max_voxels`; one feature row per voxel, the mean of its kept points) and written as
 `frames/NNNNNN.npz` with its boxes; `summary.json` counts frames, voxels and points. Every frame is
 validated with Great Expectations before the output folder appears (the contract, its suites and its
-reader: tasks/kinds/detection3d/schema.py).
+reader: tasks/kinds/detection3d/schema.py). With `real_frames` (a KITTI `training` folder), those frames
+are voxelized into the same folder as `real_NNNNNN`, split `real`: the detectors are scored on them
+beside the test split, never trained on them.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 
 from models.voxelize import HardVoxelizer, VoxelGrid, voxel_features
 
-from ..kinds.detection3d.io import read_kitti_frame
+from ..kinds.detection3d.io import KittiFrame, kitti_frames, read_kitti_frame
 from ..kinds.detection3d.schema import VoxelFrame, validate_frames, write_frame
 from ..platform.common import StageError, atomic_dir, cli_main, write_json
 from ..platform.params import VoxelizeParams, naming_profile, pop_profile, stage_params
@@ -54,20 +56,29 @@ def build(profile: str, scans_dir: str | Path, out_dir: str | Path) -> dict[str,
     voxelizer = HardVoxelizer(grid.pop("_grid"), grid["max_points"], grid["max_voxels"])
     summary: dict[str, Any] = {"scans": str(scans_dir), "grid": grid, "frames": {}}
     frames = []
+
+    def add(f: KittiFrame, name: str, split: str | None, folder: Path) -> None:
+        hard, feats = voxelize_frame(torch.from_numpy(f.points), voxelizer, grid["features"])
+        vf = VoxelFrame(name, feats.numpy(), hard.coords.numpy(), hard.num_points.numpy(),
+                        f.boxes.boxes, list(f.boxes.names))
+        write_frame(folder / f"{name}.npz", vf)
+        frames.append(vf)
+        summary["frames"][name] = {
+            "split": split, "points": len(f.points), "points_in_voxels": int((hard.point_voxel >= 0).sum()),
+            "points_kept": int(hard.num_points.sum()), "voxels": len(vf.coords), "boxes": len(vf.boxes)}
+
     with atomic_dir(out_dir) as tmp:
         (tmp / "frames").mkdir()
         for entry in manifest["frames"]:
             check_sha(root, entry)
-            f = read_kitti_frame(root, entry["frame"])
-            hard, feats = voxelize_frame(torch.from_numpy(f.points), voxelizer, grid["features"])
-            vf = VoxelFrame(f.frame, feats.numpy(), hard.coords.numpy(), hard.num_points.numpy(),
-                            f.boxes.boxes, list(f.boxes.names))
-            write_frame(tmp / "frames" / f"{f.frame}.npz", vf)
-            frames.append(vf)
-            summary["frames"][f.frame] = {
-                "split": entry.get("split"), "points": len(f.points),
-                "points_in_voxels": int((hard.point_voxel >= 0).sum()),
-                "points_kept": int(hard.num_points.sum()), "voxels": len(vf.coords), "boxes": len(vf.boxes)}
+            add(read_kitti_frame(root, entry["frame"]), entry["frame"], entry.get("split"), tmp / "frames")
+        if cfg["real_frames"]:
+            real = Path(cfg["real_frames"])
+            if not real.is_dir():
+                raise StageError(real, f"not found (params.yaml: voxelize.{profile}.real_frames)")
+            for frame in kitti_frames(real):
+                add(read_kitti_frame(real, frame), f"real_{frame}", "real", tmp / "frames")
+            summary["real_frames"] = str(real)
         validate_frames(frames, grid, source=str(Path(out_dir) / "frames"))
         per = summary["frames"].values()
         summary["totals"] = {"frames": len(frames), "voxels": sum(v["voxels"] for v in per),

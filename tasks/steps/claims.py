@@ -1,7 +1,8 @@
 """Checking a method's claim over seeds, with uncertainty.
 
 A claim compares two roles' metrics, e.g. `student_kd.accuracy > student_labels.accuracy`. Both sides
-are paired by seed, and the paired differences d_s = left_s − right_s get a 95% Student-t interval,
+are paired by seed, and the paired differences d_s = left_s − right_s get a 95% Student-t interval
+(for a scaled or shifted right side, `a.x <= 0.6 * b.x` or `a.x >= b.x - 0.02`, d_s = left_s − bound_s),
 mean(d) ± t(0.975, n−1) · sd(d) / √n. A side with one value (a deterministic baseline such as
 persistence, or the single teacher a `distill` recipe trains) is paired with every seed of the other.
 The verdict reads the interval in the claim's direction:
@@ -86,7 +87,7 @@ def check_claim(claim: Claim, scores: Scores) -> dict[str, Any]:
     left = scores[claim.left_role][claim.left_metric]
     right = scores[claim.right_role][claim.right_metric]
     pairs = pair(left, right)
-    diffs = [l - r for _, l, r in pairs]
+    diffs = [l - claim.bound(r) for _, l, r in pairs]
     interval = t_interval(diffs)
     return {"statement": claim.statement,
             "left": summarize(list(left.values())), "right": summarize(list(right.values())),

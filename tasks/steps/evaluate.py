@@ -19,13 +19,15 @@ def evaluate(spec: MethodSpec, mp: MethodParams, data_dir: str, trained: list[Tr
     data = kind.load(data_dir)
     evaluations = []
 
-    def record(role: str, seed: int, run_id: str, predict: Any) -> None:
+    def record(role: str, seed: int, run_id: str, predict: Any, model_uri: str | None = None) -> None:
         metrics = kind.test_metrics(predict, data, mp)
         tracking.log_metrics(run_id, {f"test_{k}": v for k, v in metrics.items()}, ctx)
-        evaluations.append({"role": role, "seed": seed, "run_id": run_id, "metrics": metrics})
+        evaluations.append({"role": role, "seed": seed, "run_id": run_id, "metrics": metrics,
+                            "model_uri": model_uri})
 
     for tm in sorted(trained, key=lambda t: (t.role, t.seed)):
-        record(tm.role, tm.seed, tm.run_id, kind.predictor(tracking.load_model(tm.model_uri, ctx), data))
+        record(tm.role, tm.seed, tm.run_id, kind.predictor(tracking.load_model(tm.model_uri, ctx), data),
+               tm.model_uri)
     for role, predict in kind.baselines(spec, data).items():
         with tracking.run(ctx, role, tags={"method": spec.name, "role": role, "seed": 0}) as run_id:
             pass
@@ -36,14 +38,18 @@ def evaluate(spec: MethodSpec, mp: MethodParams, data_dir: str, trained: list[Tr
 def log_report_figures(spec: MethodSpec, mp: MethodParams, data_dir: str, evaluations: list[dict[str, Any]],
                        teacher: TrainedModel, ctx: tracking.RunContext) -> list[str]:
     """The kind's figures of the whole method (e.g. RMSE against lead time, forecast maps) on the
-    parent run; returns their artifact names."""
+    parent run, drawn from the registered teacher and, when the method's product is another model,
+    the product of its first seed; returns their artifact names."""
     kind = get_kind(spec.kind)
     figures_of = getattr(kind, "report_figures", None)
     if figures_of is None:
         return []
     import matplotlib.pyplot as plt
     data = kind.load(data_dir)
-    figures = figures_of(evaluations, data, tracking.load_model(teacher.model_uri, ctx), mp)
+    products = sorted((e["seed"], e["model_uri"]) for e in evaluations
+                      if e["role"] == spec.product_role != "teacher" and e.get("model_uri"))
+    product = tracking.load_model(products[0][1], ctx) if products else None
+    figures = figures_of(evaluations, data, tracking.load_model(teacher.model_uri, ctx), mp, product)
     for name, fig in figures.items():
         tracking.log_figure(ctx.parent_run_id, fig, name, ctx)
         plt.close(fig)

@@ -8,6 +8,9 @@ Recipes:
     distill        one teacher (the first seed), then per seed a student distilled from it and the
                    same student on targets alone (the claim compares the two students, by seed)
     teacher_only   one teacher per seed (the claim is about the teacher, compared over seeds)
+    compare        per seed a reference model (the teacher role) and the student on targets alone,
+                   nothing distilled: a method that is a cheaper model checked against the one it
+                   replaces (SPS-Conv's pruned detector against SECOND)
 
 A recipe is a function of the method, its seeds and its kind's units, so `mutual` (peers that teach
 each other every step) or `federated` (clients and an aggregating server) would be one more function
@@ -99,7 +102,16 @@ def distill(spec: Any, seeds: list[int], units: UnitsOf, derived: Derived) -> Pl
     return Plan(tuple(jobs), tuple(models), tuple(students), tuple(student_models))
 
 
-RECIPES: dict[str, Callable[..., Plan]] = {"distill": distill, "teacher_only": teacher_only}
+def compare(spec: Any, seeds: list[int], units: UnitsOf, derived: Derived) -> Plan:
+    jobs, models = _teachers(seeds, units, derived)
+    students = [Job("student_labels", s, u) for s in seeds for u in units("student_labels")]
+    return Plan(tuple(jobs), tuple(models), tuple(students),
+                tuple(_compose("student_labels", s, "student_labels", units("student_labels")) for s in seeds))
+
+
+RECIPES: dict[str, Callable[..., Plan]] = {"distill": distill, "teacher_only": teacher_only, "compare": compare}
+# the role each recipe's method exists to produce: registered under the method's name
+PRODUCT_ROLE = {"distill": "student_kd", "teacher_only": "teacher", "compare": "student_labels"}
 
 
 def plan(spec: Any, seeds: list[int], units: UnitsOf, derived: Derived = ()) -> Plan:

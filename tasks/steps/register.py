@@ -1,4 +1,4 @@
-"""Model registry step: versions for a method's teacher and best distilled student; `champion` moves
+"""Model registry step: versions for a method's teacher and its best product model; `champion` moves
 to a version only when it beats the current champion on the method's primary metric."""
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from .train_role import TrainedModel
 
 
 def registered_names(spec: MethodSpec) -> dict[str, str]:
-    """The method's product is its student, with the teacher registered beside it; a method without
-    a student (e.g. a forecaster checked against baselines) registers its teacher under its name."""
-    if spec.student is None:
+    """The method's product (its recipe's product role: a distilled student, or a cheaper model a
+    `compare` method checks) is registered under the method's name, with the teacher beside it; a
+    method whose product is its teacher (e.g. a forecaster checked against baselines) registers the
+    teacher under its name."""
+    if spec.product_role == "teacher":
         return {"teacher": spec.name}
-    return {"student_kd": spec.name, "teacher": f"{spec.name}_teacher"}
+    return {spec.product_role: spec.name, "teacher": f"{spec.name}_teacher"}
 
 
 def register_teacher(spec: MethodSpec, teacher: TrainedModel, ctx: tracking.RunContext) -> int:
@@ -27,20 +29,22 @@ def register_teacher(spec: MethodSpec, teacher: TrainedModel, ctx: tracking.RunC
 def register_models(spec: MethodSpec, teacher: TrainedModel, teacher_version: int,
                     students: list[TrainedModel], evaluations: list[dict[str, Any]],
                     verdict: dict[str, Any], ctx: tracking.RunContext) -> dict[str, Any]:
-    """Registers the distilled student with the best *validation* score (the test split only reports)
-    and offers both models the champion alias on their test primary metric."""
+    """Registers the product-role student with the best *validation* score (the test split only
+    reports) and offers both models the champion alias on their test primary metric."""
     test_score = {(e["role"], e["seed"]): e["metrics"][spec.primary_metric] for e in evaluations}
     names = registered_names(spec)
     teacher_result = tracking.promote_if_better(names["teacher"], teacher_version,
                                                 test_score[("teacher", teacher.seed)], spec.higher_is_better, ctx)
+    role = spec.product_role
+    students = [s for s in students if s.role == role]
     if not students:
         return {"teacher": teacher_result}
     pick = max if students[0].val_higher_is_better else min
     best = pick(students, key=lambda s: s.val_score)
-    student_version = tracking.register_version(
-        names["student_kd"], best.model_uri, best.run_id, ctx,
-        tags={"role": "student_kd", "seed": best.seed, "claim_verdict": verdict["verdict"],
-              "teacher_run_id": teacher.run_id, "teacher_model": f"{names['teacher']}/{teacher_version}"})
+    tags = {"role": role, "seed": best.seed, "claim_verdict": verdict["verdict"]}
+    if role == "student_kd":  # lineage: the teacher it learned from
+        tags.update(teacher_run_id=teacher.run_id, teacher_model=f"{names['teacher']}/{teacher_version}")
+    version = tracking.register_version(names[role], best.model_uri, best.run_id, ctx, tags=tags)
     return {"teacher": teacher_result,
-            "student_kd": tracking.promote_if_better(names["student_kd"], student_version,
-                                                     test_score[("student_kd", best.seed)], spec.higher_is_better, ctx)}
+            role: tracking.promote_if_better(names[role], version, test_score[(role, best.seed)],
+                                             spec.higher_is_better, ctx)}

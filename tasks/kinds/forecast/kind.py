@@ -135,7 +135,7 @@ class Forecast:
         return {"persistence", "climatology", "iterated_1h"}
 
     def report_figures(self, evaluations: list[dict[str, Any]], data: ForecastData, teacher: nn.Module,
-                       mp: Any) -> dict[str, Any]:
+                       mp: Any, product: nn.Module | None = None) -> dict[str, Any]:
         """RMSE against lead time per headline variable and role, and the teacher's forecast / truth /
         error maps at the longest lead for z500 and t2m."""
         import matplotlib

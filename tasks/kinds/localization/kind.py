@@ -177,7 +177,7 @@ class Localization:
         return set()  # no non-learned baselines
 
     def report_figures(self, evaluations: list[dict[str, Any]], data: LocalizationData, teacher: nn.Module,
-                       mp: Any) -> dict[str, Any]:
+                       mp: Any, product: nn.Module | None = None) -> dict[str, Any]:
         """Per-class AP (mean over seeds and tIoU) of every role, and the teacher's activation
         sequences against the ground truth on a few test videos."""
         import matplotlib
