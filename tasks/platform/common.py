@@ -167,6 +167,18 @@ def _remove_until_settled(path: Path, quiet: float = 0.5, limit: float = 5.0) ->
             settled_at = time.monotonic() + quiet
 
 
+def read_json(path: str | os.PathLike, missing: str) -> Any:
+    """A JSON file this project wrote, or a StageError naming it: "not found (<missing>)", e.g.
+    "run `dvc repro scans`", or not valid JSON. The caller checks the shape it needs."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(path, f"not found ({missing})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise StageError(path, f"not valid JSON: {e}") from None
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -428,9 +428,12 @@ def stage_params(section: str, profile: str | None = None, path: str | os.PathLi
     return value.model_dump(exclude_unset=True) if isinstance(value, BaseModel) else value
 
 
-def pop_profile(argv: list[str]) -> tuple[str | None, list[str]]:
-    """`--profile NAME` from a stage's arguments: (NAME or None, the other arguments)."""
+def pop_profile(argv: list[str], required_by: str | None = None) -> tuple[str | None, list[str]]:
+    """`--profile NAME` from a stage's arguments: (NAME or None, the other arguments). With
+    `required_by` (a params section that has one entry per profile) a missing --profile is an error."""
     if "--profile" not in argv:
+        if required_by:
+            raise StageError("command line", f"--profile NAME is required: {required_by} has one section per profile")
         return None, argv
     i = argv.index("--profile")
     if i + 1 >= len(argv):

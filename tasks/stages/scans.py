@@ -22,7 +22,6 @@ folder), "classes", "frames": [{"frame", "split", "points", "objects", "sha256" 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ import numpy as np
 from ..kinds.detection3d.boxes import points_in_boxes
 from ..kinds.detection3d.io import (KittiCalib, kitti_boxes_to_lidar, kitti_frames, read_kitti_calib,
                                     read_kitti_frame, read_kitti_labels)
-from ..platform.common import StageError, atomic_dir, cli_main, write_json
+from ..platform.common import StageError, atomic_dir, cli_main, read_json, write_json
 from ..platform.params import ScansParams, naming_profile, pop_profile, stage_params
 
 SPLITS = ("train", "val", "test")
@@ -279,12 +278,7 @@ def list_files(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / "manifest.json"
-    if not path.is_file():
-        raise StageError(path, "not found (run `dvc repro scans`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise StageError(path, f"not valid JSON: {e}") from None
+    manifest = read_json(path, "run `dvc repro scans`")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("frames"), list) \
             or not isinstance(manifest.get("root"), str):
         raise StageError(path, "expected {\"root\": ..., \"frames\": [...], ...}")
@@ -313,9 +307,7 @@ def build(profile: str, out_dir: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
-    profile, rest = pop_profile(argv)
-    if profile is None:
-        raise StageError("command line", "--profile NAME is required: scans has one section per profile")
+    profile, rest = pop_profile(argv, required_by="scans")
     out_dir = rest[0] if rest else out_dir_for(profile)
     with naming_profile("scans", profile):
         manifest = build(profile, out_dir)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..platform.common import StageError, atomic_dir, cli_main, write_json
+from ..platform.common import StageError, atomic_dir, cli_main, read_json, write_json
 from ..platform.params import naming_profile, pop_profile, stage_params
 from . import video_synthetic as synth
 from .video_io import encoder_name, sha256_file, write_video
@@ -212,12 +212,7 @@ def thumos14(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "manifest.json"
-    if not path.is_file():
-        raise StageError(path, "not found (run `dvc repro videos`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise StageError(path, f"not valid JSON: {e}") from None
+    manifest = read_json(path, "run `dvc repro videos`")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("videos"), list):
         raise StageError(path, "expected {\"videos\": [...], ...}")
     return manifest
@@ -266,9 +261,7 @@ def build(profile: str, out_dir: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
-    profile, rest = pop_profile(argv)
-    if profile is None:
-        raise StageError("command line", "--profile NAME is required: video has one section per profile")
+    profile, rest = pop_profile(argv, required_by="video")
     out_dir = rest[0] if rest else out_dir_for(profile)
     with naming_profile("video", profile):
         manifest = build(profile, out_dir)

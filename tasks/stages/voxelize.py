@@ -90,9 +90,7 @@ def build(profile: str, scans_dir: str | Path, out_dir: str | Path) -> dict[str,
 
 
 def main(argv: list[str]) -> None:
-    profile, rest = pop_profile(argv)
-    if profile is None:
-        raise StageError("command line", "--profile NAME is required: voxelize has one section per profile")
+    profile, rest = pop_profile(argv, required_by="voxelize")
     if len(rest) != 2:
         raise StageError("command line", "usage: python -m tasks.stages.voxelize --profile NAME SCANS_DIR OUT_DIR")
     with naming_profile("voxelize", profile):

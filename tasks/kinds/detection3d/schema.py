@@ -13,7 +13,6 @@ the Great Expectations suites both sides run on them.
 """
 from __future__ import annotations
 
-import json
 import os
 import zipfile
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ...platform.common import StageError
+from ...platform.common import StageError, read_json
 from ...platform.validation import Suite, validate_frame
 
 FRAME_ARRAYS = ("features", "coords", "num_points", "boxes", "names")
@@ -144,12 +143,7 @@ def read_frame(path: str | os.PathLike) -> VoxelFrame:
 
 def read_summary(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / "summary.json"
-    if not path.is_file():
-        raise StageError(path, "not found (run `dvc repro voxelize`)")
-    try:
-        summary = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise StageError(path, f"not valid JSON: {e}") from None
+    summary = read_json(path, "run `dvc repro voxelize`")
     if not isinstance(summary, dict) or not isinstance(summary.get("frames"), dict) or "grid" not in summary:
         raise StageError(path, "expected {\"grid\": {...}, \"frames\": {...}}")
     return summary

@@ -8,7 +8,6 @@ climatology.zarr (hour, [level,] latitude, longitude), stats.json and meta.json.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ...platform.common import StageError
+from ...platform.common import StageError, read_json
 from ...platform.validation import validate_frame
 
 SPLITS = ("train", "val", "test")
@@ -249,12 +248,7 @@ def validate_splits(splits: dict[str, xr.Dataset], variables: list[str], levels:
 # the consumer side
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise StageError(path, "not found (run `dvc repro era5_prepare`)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise StageError(path, f"not valid JSON: {e}") from None
+    return read_json(path, "run `dvc repro era5_prepare`")
 
 
 def open_store(path: str | Path, dask: bool = False, hint: str = "run `dvc repro era5_prepare`") -> xr.Dataset:
