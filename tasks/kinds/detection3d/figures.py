@@ -43,17 +43,16 @@ def bev_figure(plt: Any, frame: VoxelFrame, detections: dict[str, FrameDetection
 
 
 @torch.no_grad()
-def pruning_figure(plt: Any, model: nn.Module, frame: VoxelFrame) -> Any:
-    """For each SPS conv of the model, its input sites from above: kept (computed or dilated) in colour,
-    pruned in grey."""
-    from .kind import batch_inputs
+def pruning_figure(plt: Any, model: nn.Module, inputs: dict[str, Any]) -> Any:
+    """For each SPS conv of the model, its input sites from above on one frame's `inputs` (the kind's
+    batch of one): kept (computed or dilated) in colour, pruned in grey."""
     seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     handles = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.append(
                    (name, inp[0].coords, mod.last_keep)))
                for name, m in model.named_modules() if isinstance(m, (SPSSConv3d, SPRSConv3d))]
     model.eval()
     try:
-        model(batch_inputs([frame]))
+        model(inputs)
     finally:
         for h in handles:
             h.remove()

@@ -255,7 +255,7 @@ class Detection3D:
                                                               for r, m in shown.items()}, data.grid),
                    "pr_curves.png": pr_figure(plt, detect(teacher, test, data.bev), truths(test))}
         if product is not None and product.cfg.keep_ratio is not None:
-            figures["pruning_mask.png"] = pruning_figure(plt, product, test[0])
+            figures["pruning_mask.png"] = pruning_figure(plt, product, batch_inputs(test[:1]))
         return figures
 
 
