@@ -29,3 +29,10 @@ def shared_file(rel: str) -> Path:
             pytest.fail(f"shared sample missing: {path}")
         pytest.skip(f"shared sample missing: {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """(root, env, first `dvc repro`) of the whole pipeline in a temporary copy (tests/e2e_pipeline.py)."""
+    from e2e_pipeline import run_pipeline
+    return run_pipeline(tmp_path_factory)

@@ -1,44 +1,17 @@
-"""The whole default pipeline through `make run`'s `dvc repro`, in a temporary copy of the repository."""
+"""The whole pipeline through `make run`'s `dvc repro`, in a temporary copy of the repository, on the
+`ci` profile (the `pipeline` fixture: tests/e2e_pipeline.py)."""
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from checks import check_champions_predict_with_their_recorded_scores, check_classification_method_recorded
-from conftest import REPO, copy_checkout
+from conftest import REPO
+from e2e_pipeline import sh
 
 pytestmark = pytest.mark.e2e
-
-
-def sh(cmd, cwd, env, check=True):
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, shell=isinstance(cmd, str))
-    if check and proc.returncode:
-        raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """Copies the committed and untracked-but-not-ignored files, commits them, runs `dvc repro`."""
-    root = tmp_path_factory.mktemp("e2e") / "repo"
-    shared = REPO.parent / "shared"
-    if not shared.is_dir() and os.environ.get("CI") == "true":
-        pytest.fail(f"{shared} is missing: the samples profile needs the real ERA5 files")
-    if shared.is_dir():
-        (root.parent / "shared").symlink_to(shared)  # the samples profile reads ../shared/data
-    copy_checkout(root)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               GIT_AUTHOR_NAME="e2e", GIT_AUTHOR_EMAIL="e2e@localhost",
-               GIT_COMMITTER_NAME="e2e", GIT_COMMITTER_EMAIL="e2e@localhost")
-    sh("git init -q && git add -A && git commit -qm e2e", root, env)
-    first = sh([sys.executable, "-m", "flows.repro"], root, env)  # what `make run` runs
-    return root, env, first
 
 
 def client_for(root):
@@ -284,6 +257,30 @@ def test_detection_methods_share_the_teacher_report_claims_figures_and_a_champio
         with torch.no_grad():
             out = model(batch_inputs(data.splits["test"].frames[:2]))
         assert out["heatmap"].shape == (2, 3, *data.bev.cells) and torch.isfinite(out["reg"]).all()
+
+
+def test_terngrad_trains_both_roles_on_two_ranks_and_counts_the_bytes(pipeline):
+    """Issue 14 end to end: both roles under torchrun (2 gloo ranks), one MLflow run each with its
+    learning curve logged by rank 0, the bytes ratio counted by the hooks, the claim over seeds."""
+    import yaml
+    root, _, _ = pipeline
+    params = yaml.safe_load((root / "params.yaml").read_text())["methods"]["terngrad"]
+    rep = json.loads((root / "metrics" / "terngrad.json").read_text())
+    assert set(rep["roles"]) == {"teacher", "student_labels"}
+    accuracy, wire = rep["claim"]["parts"]
+    assert accuracy["statement"] == "student_labels.accuracy >= teacher.accuracy - 0.02"
+    assert wire["verdict"] == "holds" and wire["seeds"] == params["seeds"]
+    client = client_for(root)
+    exp = client.get_experiment_by_name("terngrad")
+    runs = {r.data.tags["distillery.role"]: r for r in client.search_runs([exp.experiment_id], "tags.`distillery.seed` = '0'")}
+    full, tern = runs["teacher"], runs["student_labels"]
+    assert full.data.tags["distillery.comm_hook"] == "allreduce" and tern.data.tags["distillery.comm_hook"] == "terngrad"
+    for run, side in ((full, "teacher"), (tern, "student")):
+        assert run.data.tags["distillery.nproc"] == "2"
+        assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == params[side]["epochs"]
+        assert "learning_curve.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    ratio = full.data.metrics["comm_bytes_per_step"] / tern.data.metrics["comm_bytes_per_step"]
+    assert 15 < ratio < 16  # 32 bits against 2, less one float32 scale per layer
 
 
 def stale_stages(root, env):

@@ -33,6 +33,15 @@ class Section(BaseModel):
 # ---------------------------------------------------------------------------------------------------
 # methods
 
+class ParallelParams(Section):
+    """`methods.<m>.<role>.parallel`: data parallelism (tasks/train/distributed.py). With nproc > 1 the
+    role trains under torchrun, one process per device; the global batch stays `batch_size`."""
+    nproc: int = Field(1, ge=1, le=64)                   # processes on this machine (GPUs on a GPU worker)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"    # auto: nccl on CUDA, gloo on CPU
+    comm_hook: Literal["allreduce", "terngrad"] = "allreduce"  # how gradient buckets are exchanged
+    clip_sigmas: float = Field(2.5, gt=0)                # terngrad: clip each layer's gradient at c * std
+
+
 class TrainParams(Section):
     """How one role trains: `methods.<m>.teacher` / `methods.<m>.student`."""
     epochs: int = Field(gt=0)
@@ -51,7 +60,11 @@ class TrainParams(Section):
     # valid when a sample's input is the same every epoch (no augmentation)
     cache_teacher: bool = False
     checkpoint_every: int = Field(0, ge=0)              # optimizer steps between checkpoints; 0: none
+    # validate after every N-th epoch and the last: validation changes nothing in training (eval mode,
+    # no RNG draws), it only costs time, a quarter of a Pangu-lite epoch at one step an epoch
+    val_every: int = Field(1, ge=1)
     model: dict[str, Any] = Field(default_factory=dict)  # kwargs of the model entrypoint
+    parallel: Optional[ParallelParams] = None            # None: one process
 
 
 class MethodParams(Section):
@@ -162,6 +175,15 @@ class Era5PrepareParams(Section):
     embargo_hours: Optional[int] = Field(None, ge=0)
     dask: Union[Literal["auto"], bool, None] = None
     dask_above_mb: Optional[float] = Field(None, gt=0)
+    # where Dask runs when it is used: null (threads), "local:N", "tcp://host:port";
+    # $DASK_SCHEDULER_ADDRESS takes precedence (tasks/platform/dask_cluster.py)
+    cluster: Optional[str] = None
+
+    @field_validator("cluster", mode="before")
+    @classmethod
+    def _cluster(cls, value: Any) -> Optional[str]:
+        from .dask_cluster import check
+        return check(value)
 
 
 class VideoSplit(Section):

@@ -19,15 +19,17 @@ def evaluate(spec: MethodSpec, mp: MethodParams, data_dir: str, trained: list[Tr
     data = kind.load(data_dir)
     evaluations = []
 
-    def record(role: str, seed: int, run_id: str, predict: Any, model_uri: str | None = None) -> None:
+    def record(role: str, seed: int, run_id: str, predict: Any, model_uri: str | None = None,
+               measured: dict[str, float] | None = None) -> None:
         metrics = kind.test_metrics(predict, data, mp)
         tracking.log_metrics(run_id, {f"test_{k}": v for k, v in metrics.items()}, ctx)
-        evaluations.append({"role": role, "seed": seed, "run_id": run_id, "metrics": metrics,
+        # what training measured (bytes a communication hook sent) sits beside the test metrics
+        evaluations.append({"role": role, "seed": seed, "run_id": run_id, "metrics": {**(measured or {}), **metrics},
                             "model_uri": model_uri})
 
     for tm in sorted(trained, key=lambda t: (t.role, t.seed)):
         record(tm.role, tm.seed, tm.run_id, kind.predictor(tracking.load_model(tm.model_uri, ctx), data),
-               tm.model_uri)
+               tm.model_uri, tm.train_metrics)
     for role, predict in kind.baselines(spec, data).items():
         with tracking.run(ctx, role, tags={"method": spec.name, "role": role, "seed": 0}) as run_id:
             pass

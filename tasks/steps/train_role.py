@@ -11,7 +11,9 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+import pickle
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from models.distill import DistillationLoss
 from ..kinds import Unit, get_kind
 from ..methods import MethodSpec, loss_terms
 from ..platform import tracking
+from ..platform.common import StageError
 from ..platform.params import MethodParams, TrainParams
 from ..train.checkpoint import Checkpointer
 from ..train.loop import fit
@@ -42,6 +45,8 @@ class TrainedModel:
     val_score: float
     val_higher_is_better: bool = True  # an accuracy for classifiers, a loss for forecasters
     unit: Unit = None
+    # what training measured that a claim may name: the communication hook's `comm_*` counts
+    train_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -70,12 +75,63 @@ def role_params(mp: MethodParams, role: str) -> dict[str, Any]:
             "loss": mp.loss if role == "student_kd" else {}}
 
 
+@dataclass(frozen=True)
+class UnitJob:
+    """One unit's training, everything a process needs to run it (picklable: torchrun's ranks get it
+    in a file)."""
+    spec: MethodSpec
+    role: str
+    unit: Unit
+    seed: int
+    tp: TrainParams
+    terms: dict[str, dict[str, Any]]   # the loss
+    data_dir: str
+    device: str
+    ctx: tracking.RunContext
+    teacher_uri: str | None
+    checkpoint: str
+
+    @property
+    def nproc(self) -> int:
+        return self.tp.parallel.nproc if self.tp.parallel else 1
+
+
+def fit_job(job: UnitJob, model: torch.nn.Module, data: Any, device: torch.device, parallel: Parallel = SINGLE,
+            on_epoch: Any = None) -> list[dict[str, float]]:
+    """`job` through the one loop, on this process's `parallel` share."""
+    kind = get_kind(job.spec.kind)
+    distilled = job.role == "student_kd"
+    teacher = tracking.load_model(job.teacher_uri, job.ctx) if job.teacher_uri else None
+    return fit(model, DistillationLoss(job.terms), kind.train_set(data, job.unit), job.tp, seed=job.seed,
+               forward=kind.forward, validate=lambda m: kind.validate(m, data, job.unit, device), device=device,
+               teacher=teacher, taps=job.spec.feature_taps if distilled else None, cache_batch=kind.cache_batch,
+               parallel=parallel, checkpoint=Checkpointer(job.checkpoint, job.tp.checkpoint_every),
+               on_epoch=on_epoch)
+
+
+def fit_distributed(job: UnitJob, model: torch.nn.Module, run_id: str) -> list[dict[str, float]]:
+    """`job` under torchrun (tasks/steps/train_worker.py): rank 0 logs the epochs to `run_id` and
+    hands back the weights, loaded into `model`, and the history."""
+    from ..train.distributed import launch
+    if job.device.startswith("cuda") and torch.cuda.device_count() < job.nproc:
+        side = "teacher" if job.role == "teacher" else "student"
+        raise StageError("params.yaml", f"methods.{job.spec.name}.{side}.parallel.nproc: {job.nproc} ranks "
+                                        f"need {job.nproc} GPUs, this machine has {torch.cuda.device_count()}")
+    with tempfile.TemporaryDirectory(prefix="distillery-ddp-") as tmp:
+        job_file, result = Path(tmp) / "job.pkl", Path(tmp) / "result.pt"
+        job_file.write_bytes(pickle.dumps(job))
+        launch("tasks.steps.train_worker", [str(job_file), run_id, str(result)], job.nproc)
+        out = torch.load(result, map_location="cpu", weights_only=True)
+    model.load_state_dict(out["model"])
+    return out["history"]
+
+
 def train_unit(spec: MethodSpec, role: str, unit: Unit, seed: int, tp: TrainParams, device: str,
                loss: dict[str, dict[str, Any]], data_dir: str, ctx: tracking.RunContext,
-               teacher: TrainedModel | None = None, teacher_version: str | None = None,
-               parallel: Parallel = SINGLE) -> TrainedModel:
+               teacher: TrainedModel | None = None, teacher_version: str | None = None) -> TrainedModel:
     """Trains one unit of one role for one seed with `tp` (see `role_params`) and records it as an
-    MLflow run; a distilled student learns from `teacher` with the declared loss and `loss` on top."""
+    MLflow run; a distilled student learns from `teacher` with the declared loss and `loss` on top.
+    With `tp.parallel.nproc` > 1 the training runs in that many torchrun processes (DDP)."""
     kind = get_kind(spec.kind)
     side = "teacher" if role == "teacher" else "student"
     distilled = role == "student_kd"
@@ -86,14 +142,14 @@ def train_unit(spec: MethodSpec, role: str, unit: Unit, seed: int, tp: TrainPara
 
     torch.manual_seed(seed)
     model = kind.build(spec, side, data, tp)
-    criterion = DistillationLoss(terms)
-    teacher_model = tracking.load_model(teacher.model_uri, ctx) if distilled else None
 
     unit_name = kind.unit_name(unit)
     name = run_name(role, unit_name, seed)
     tags = {"method": spec.name, "role": role, "seed": seed, "model": model_name, "device": str(device)}
     if unit_name:
         tags["unit"] = unit_name
+    if tp.parallel and tp.parallel.nproc > 1:
+        tags.update(nproc=tp.parallel.nproc, comm_hook=tp.parallel.comm_hook)
     if distilled:
         tags.update(teacher_run_id=teacher.run_id, teacher_model_uri=teacher.model_uri,
                     teacher_model_version=teacher_version)
@@ -101,23 +157,26 @@ def train_unit(spec: MethodSpec, role: str, unit: Unit, seed: int, tp: TrainPara
                   "n_params": sum(p.numel() for p in model.parameters()), "device": str(device)}
     if unit_name:
         run_params["unit"] = unit_name
-    checkpointer = Checkpointer(checkpoint_path(name, {**run_params, "data": ctx.lineage.get("data_sha256"),
-                                                             "teacher": teacher and teacher.run_id}),
-                                tp.checkpoint_every)
+    ckpt = checkpoint_path(name, {**run_params, "data": ctx.lineage.get("data_sha256"),
+                                  "teacher": teacher and teacher.run_id})
+    job = UnitJob(spec, role, unit, seed, tp, terms, data_dir, str(device), ctx,
+                  teacher.model_uri if distilled else None, str(ckpt))
     with tracking.run(ctx, name, tags=tags, params=run_params) as run_id:
-        log.info("%s/%s seed %d on %s", spec.name, name, seed, device)  # never a silent CPU fallback
-        epoch_logger = tracking.EpochLogger(run_id, ctx)
-        history = fit(model, criterion, kind.train_set(data, unit), tp, seed=seed, forward=kind.forward,
-                      validate=lambda m: kind.validate(m, data, unit, device), device=device,
-                      teacher=teacher_model, taps=spec.feature_taps if distilled else None,
-                      cache_batch=kind.cache_batch, parallel=parallel, checkpoint=checkpointer,
-                      on_epoch=epoch_logger)
-        epoch_logger.close()
+        log.info("%s/%s seed %d on %s%s", spec.name, name, seed, device,  # never a silent CPU fallback
+                 f" x {job.nproc} processes" if job.nproc > 1 else "")
+        if job.nproc > 1:
+            history = fit_distributed(job, model, run_id)
+        else:
+            epoch_logger = tracking.EpochLogger(run_id, ctx)
+            history = fit_job(job, model, data, device, on_epoch=epoch_logger)
+            epoch_logger.close()
         tracking.log_learning_curve(history, " · ".join(filter(None, (spec.name, role, unit_name, f"seed {seed}"))))
         model_uri = tracking.log_model(model, kind.input_example(data))
-    checkpointer.clear()
+    Checkpointer(ckpt).clear()
+    final = history[-1]
     return TrainedModel(role=role, seed=seed, run_id=run_id, model_uri=model_uri, unit=unit,
-                        val_score=history[-1][kind.val_key], val_higher_is_better=kind.val_higher_is_better)
+                        val_score=final[kind.val_key], val_higher_is_better=kind.val_higher_is_better,
+                        train_metrics={k: v for k, v in final.items() if k.startswith("comm_")})
 
 
 def compose(spec: MethodSpec, role: str, seed: int, members: dict[Unit, TrainedModel],

@@ -10,7 +10,8 @@ batch is on the device. A step: forward (bf16 autocast when `precision: bf16`) -
 clip -> optimizer -> schedule. A frozen teacher runs on every batch in eval mode, or once over the
 training set when `cache_teacher` asks for it (only valid without augmentation). A checkpoint every
 `checkpoint_every` steps lets a killed run resume to the same final weights; `parallel` is the seam
-where DDP and communication hooks plug in (tasks/train/parallel.py).
+where DDP and communication hooks plug in (tasks/train/parallel.py): every rank runs this loop on its
+shard of each global batch, and only the main rank validates and writes checkpoints.
 """
 from __future__ import annotations
 
@@ -33,13 +34,15 @@ Outputs = dict[str, torch.Tensor]
 
 class EpochBatches(torch.utils.data.Sampler):
     """Batches of a new seeded random permutation each epoch, `torch.randperm(n, gen).split(b)`, cut
-    to this rank's share. `restart` replays an epoch from its start state, skipping done batches."""
+    to this rank's share (`global_size`: the whole batch's). `restart` replays an epoch from its start
+    state, skipping done batches."""
 
     def __init__(self, n: int, batch_size: int, seed: int, parallel: Parallel = SINGLE) -> None:
         self.n, self.batch_size, self.parallel = n, batch_size, parallel
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch_start: torch.Tensor | None = None
         self._skip = 0
+        self.global_size = 0
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.batch_size)
@@ -49,6 +52,7 @@ class EpochBatches(torch.utils.data.Sampler):
         batches = torch.randperm(self.n, generator=self.generator).split(self.batch_size)
         skip, self._skip = self._skip, 0
         for batch in batches[skip:]:
+            self.global_size = len(batch)  # read by the loop while this batch is current (no workers)
             yield self.parallel.shard(batch)
 
     def restart(self, epoch_start: torch.Tensor, done: int) -> None:
@@ -146,9 +150,9 @@ def fit(model: nn.Module, criterion: DistillationLoss, train_set: Any, cfg: Trai
         criterion.load_state_dict(state["criterion"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        first_epoch, step, done, sums, history = (state["epoch"], state["step"], state["done"], state["sums"],
-                                                  state["history"])
+        torch.set_rng_state(state["rng"][parallel.rank])
+        first_epoch, step, done, sums, history = (state["epoch"], state["step"], state["done"],
+                                                  state["sums"][parallel.rank], state["history"])
         sampler.restart(state["epoch_start"], done)
 
     try:
@@ -159,7 +163,8 @@ def fit(model: nn.Module, criterion: DistillationLoss, train_set: Any, cfg: Trai
                 with autocast(cfg, device):
                     loss, parts = criterion(*outputs(batch))
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * parallel.loss_scale(len(batch[2]), sampler.global_size)).backward()
+                parallel.average_gradients(criterion.parameters())
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
@@ -169,15 +174,22 @@ def fit(model: nn.Module, criterion: DistillationLoss, train_set: Any, cfg: Trai
                 loss_sum += loss.item() * size
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + v * size
-                if checkpoint.due(step) and parallel.is_main:
-                    checkpoint.save({"model": model.state_dict(), "criterion": criterion.state_dict(),
-                                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                     "rng": torch.get_rng_state(), "epoch_start": sampler.epoch_start,
-                                     "epoch": epoch, "step": step, "done": done, "history": history,
-                                     "sums": (loss_sum, dict(parts_sum))})
+                if checkpoint.due(step):
+                    # each rank's own RNG state and running sums; the weights are the same on all
+                    rngs = parallel.gather(torch.get_rng_state())
+                    rank_sums = parallel.gather((loss_sum, dict(parts_sum)))
+                    if parallel.is_main:
+                        checkpoint.save({"model": model.state_dict(), "criterion": criterion.state_dict(),
+                                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                         "rng": rngs, "epoch_start": sampler.epoch_start, "epoch": epoch,
+                                         "step": step, "done": done, "history": history, "sums": rank_sums})
             s_hooks.pop_io_dict()  # the validation pass must not see (or grow) the tapped outputs
+            loss_sum, *part_sums = parallel.sum([loss_sum, *parts_sum.values()])
             row = {"epoch": epoch, "train_loss": loss_sum / n, "epoch_seconds": time.perf_counter() - t0,
-                   **{f"train_loss_{k}": v / n for k, v in parts_sum.items()}, **validate(model)}
+                   **{f"train_loss_{k}": v / n for k, v in zip(parts_sum, part_sums)},
+                   **parallel.comm_stats()}
+            if parallel.is_main and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
+                row.update(validate(model))
             history.append(row)
             done, sums = 0, (0.0, {})
             if on_epoch:
