@@ -2,6 +2,9 @@
 references, the hooks inside a real gloo DDP, and a role trained by 2 torchrun processes against the
 same role in one process with the same global batch."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -148,3 +151,25 @@ def test_a_bad_parallel_setting_names_its_key(tmp_path, key, value, message):
     with pytest.raises(StageError) as e:
         load_params(tmp_path / "params.yaml")
     assert str(e.value).endswith(f"params.yaml: methods.terngrad.student.parallel.{key}: {message}")
+
+
+def test_a_killed_ddp_run_resumes_from_rank_0s_checkpoint_to_the_same_weights(tmp_path):
+    """Rank 1 dies mid-epoch (after the step-6 checkpoint); the rerun loads the checkpoint on both
+    ranks, each its own RNG state and running sums, and ends bit-identical to a run never killed."""
+    from conftest import REPO
+
+    def torchrun(*args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(REPO / "tests" / "ddp_resume_worker.py"), *map(str, args)]
+        return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    assert torchrun("", tmp_path / "plain.pt").returncode == 0
+    ckpt = tmp_path / "ck.pt"
+    # fetch 8 is the 7th batch (the first fetch is the loop's pre-optimizer forward): step 6's checkpoint is the last
+    killed = torchrun(ckpt, tmp_path / "resumed.pt", 8)
+    assert killed.returncode != 0 and ckpt.is_file() and not (tmp_path / "resumed.pt").exists()
+    assert torch.load(ckpt, weights_only=True)["step"] == 6
+    assert torchrun(ckpt, tmp_path / "resumed.pt").returncode == 0
+    plain, resumed = torch.load(tmp_path / "plain.pt"), torch.load(tmp_path / "resumed.pt")
+    for name, w in plain.items():
+        assert torch.equal(w, resumed[name]), name
