@@ -21,6 +21,8 @@ and metrics. The flow asks it, for a method:
     check_params(spec, mp)        its own params keys (optional), e.g. a forecast's eval_leads
     report_figures(evaluations, data, teacher, mp, product)   extra figures on the flow's parent run
                                   (optional); `product` is the method's product model, when not the teacher
+    score_chart(metric)           the DVC plot a test score is a point of, (chart, x) or None
+                                  (optional): per lead time, per tIoU, per class (tasks/steps/report.py)
 
 A new kind is its package plus a stage module and a model file; nothing in flows/ or the train loop
 changes (tests/test_kind_seam.py runs a kind of its own through the flow).

@@ -24,6 +24,7 @@ SHARED_CODE = (
     "flows/method.py", "flows/steps.py", "flows/runtime.py",
     "tasks/platform/common.py", "tasks/platform/params.py", "tasks/platform/lineage.py",
     "tasks/platform/tracking.py", "tasks/platform/validation.py", "tasks/platform/dvc_remote.py",
+    "tasks/platform/progress.py",
     "tasks/train", "tasks/steps", "tasks/kinds/__init__.py", "tasks/kinds/base.py", "tasks/methods/__init__.py",
     "models/__init__.py", "models/registry.py", "models/distill.py",
 )
@@ -55,14 +56,16 @@ def code_hash(paths: tuple[str, ...], root: str = str(REPO_ROOT)) -> str:
 
 
 def git_commit(repo: str | os.PathLike = ".") -> dict[str, str]:
-    """The commit the code ran from and whether tracked files differ from it. dvc.lock is left out:
-    `dvc repro` rewrites it stage by stage, so it is always "modified" while a pipeline runs."""
+    """The commit the code ran from and whether tracked files differ from it. dvc.lock and the
+    committed metric summaries and plot data are left out: `dvc repro` rewrites them stage by stage,
+    so they are always "modified" while a pipeline runs."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
                               check=True).stdout.strip()
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"))
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock",
+                         ":(exclude)metrics/summary", ":(exclude)metrics/plots"))
     except (subprocess.CalledProcessError, FileNotFoundError):
         return {"commit": "unknown", "dirty": "unknown"}
     return {"commit": commit, "dirty": str(dirty).lower()}

@@ -60,6 +60,7 @@ import xarray as xr
 from ..kinds.forecast.schema import VARIABLES, short_name
 from ..platform.common import StageError, atomic_dir, cli_main
 from ..platform.params import naming_profile, pop_profile, stage_params
+from ..platform.progress import dask_progress, progress_bar
 from .era5_harmonise import check_raw
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,9 @@ def retrieve_cds(cfg: dict[str, Any], client_factory: Callable[[], Any] | None =
     times = time_range(cfg)
     parts = []
     with tempfile.TemporaryDirectory(prefix="era5-cds-") as tmp:
-        for name, request in requests.items():
+        # a request waits in the CDS queue, then downloads: minutes each, so a bar per request
+        for name, request in progress_bar(requests.items(), total=len(requests), desc="era5 CDS requests",
+                                          unit="request"):
             target = Path(tmp) / f"{name}.{'nc' if request['data_format'] == 'netcdf' else 'grib'}"
             log.info("CDS request %s: %s", name, request)
             try:
@@ -406,7 +409,7 @@ def open_files(cfg: dict[str, Any]) -> xr.Dataset:
         raise StageError("params.yaml", "era5.files.paths is empty")
     paths = expand_paths(patterns)
     member = files_cfg.get("ensemble_member", 0)
-    parts = [read_file(p, member) for p in paths]
+    parts = [read_file(p, member) for p in progress_bar(paths, desc="era5 files", unit="file")]
     for path, part in zip(paths, parts):
         if _has_time_axis(part):  # a one-time file has none; the merged store's axis is checked on write
             check_raw(part, str(path))
@@ -441,7 +444,9 @@ def write_store(ds: xr.Dataset, out_dir: str | Path, where: str, step_hours: flo
     for var in ds.variables.values():
         var.encoding = {}
     with atomic_dir(out_dir) as tmp:
-        ds.to_zarr(tmp, mode="w", consolidated=False)
+        # an ARCO source is lazy: its chunks are downloaded here, as Dask writes them
+        with dask_progress("era5 chunks read + written"):
+            ds.to_zarr(tmp, mode="w", consolidated=False)
         check_raw(xr.open_zarr(tmp, consolidated=False, chunks={}), where, step_hours)
 
 

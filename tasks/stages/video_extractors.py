@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from models.video_encoders import create_extractor, save_extractor
 from ..platform.common import StageError, atomic_dir, cli_main, write_json
 from ..platform.params import naming_profile, pop_profile, stage_params
+from ..platform.progress import progress_bar
 from .video_io import BadVideo, iter_frames
 from .videos import read_manifest
 
@@ -100,7 +101,7 @@ def to_input(frames, size: int, mean, std):
 
 
 def fit_steps(net: Any, batch_loss: Callable[[np.ndarray], Any], train: np.ndarray, batch_size: int, epochs: int,
-             cfg: dict[str, Any], rng: np.random.Generator) -> float:
+             cfg: dict[str, Any], rng: np.random.Generator, desc: str = "pretraining") -> float:
     """AdamW with a cosine schedule over `epochs` of seeded random batches of `train` (indices);
     `batch_loss(idx)` gives a batch's loss. Returns the last loss. A stage's few minutes of
     pretraining, not a method's training: no tracking, checkpoints or distillation (tasks/train)."""
@@ -109,7 +110,8 @@ def fit_steps(net: Any, batch_loss: Callable[[np.ndarray], Any], train: np.ndarr
     steps_per_epoch = max(1, len(train) // batch_size)
     total, step, loss = epochs * steps_per_epoch, 0, torch.zeros(())
     net.train()
-    for _ in range(epochs):
+    bar = progress_bar(range(epochs), desc=desc, unit="epoch")
+    for _ in bar:
         order = rng.permutation(train)
         for b in range(steps_per_epoch):
             loss = batch_loss(order[b * batch_size:(b + 1) * batch_size])
@@ -119,6 +121,8 @@ def fit_steps(net: Any, batch_loss: Callable[[np.ndarray], Any], train: np.ndarr
             loss.backward()
             opt.step()
             step += 1
+        if not bar.disable:  # reading the loss waits for the device: only when the bar shows it
+            bar.set_postfix(loss=f"{float(loss.detach()):.4g}", refresh=False)
     net.eval()
     return float(loss.detach())
 
@@ -148,7 +152,8 @@ def train_cbp(clips: np.ndarray, labels: np.ndarray, train: np.ndarray, val: np.
         batch = augment(np.stack([clips[i, s:s + window] for i, s in zip(idx, starts)]), rng)  # (B, N, H, W, 3)
         x = to_input(batch, spec.size, spec.mean, spec.std).transpose(1, 2)            # (B, 3, N, S, S)
         return F.cross_entropy(net(x), torch.from_numpy(labels[idx]))
-    final_loss = fit_steps(net, batch_loss, train, cfg["batch_size"], cfg["cbp_epochs"], cfg, rng)
+    final_loss = fit_steps(net, batch_loss, train, cfg["batch_size"], cfg["cbp_epochs"], cfg, rng,
+                           desc="CBP pretraining")
 
     def accuracy(ids: np.ndarray) -> float:
         if not len(ids):
@@ -180,7 +185,8 @@ def train_vlp(frames: np.ndarray, targets: list[list[int]], train: np.ndarray, v
         lp = logits(to_input(frames[idx], spec.size, spec.mean, spec.std)).log_softmax(dim=1)
         # multi-positive InfoNCE: -log of the probability mass on the frame's prompts
         return -(lp.masked_fill(~pos[idx], float("-inf")).logsumexp(dim=1)).mean()
-    final_loss = fit_steps(net, batch_loss, train, cfg["batch_size"] * 2, cfg["vlp_epochs"], cfg, rng)
+    final_loss = fit_steps(net, batch_loss, train, cfg["batch_size"] * 2, cfg["vlp_epochs"], cfg, rng,
+                           desc="VLP pretraining")
 
     def accuracy(ids: np.ndarray) -> float:
         if not len(ids):

@@ -39,6 +39,7 @@ import pyarrow as pa
 from ..kinds.localization import schema
 from ..platform.common import StageError, cli_main, write_json
 from ..platform.params import naming_profile, pop_profile, stage_params
+from ..platform.progress import progress_bar
 from .video_extractors import read_text_embeddings
 from .video_io import BadVideo, iter_frames, iter_snippets, probe, sha256_file, snippet_count, snippet_times
 from .videos import FROM_ACTIVITYNET, read_annotations, read_manifest, video_path
@@ -222,6 +223,9 @@ def extract_decoded(jobs: list[tuple[str, Path, float]], cfg: dict[str, Any], ou
     done: dict[str, int] = {}
     parts: dict[str, list[dict[str, np.ndarray]]] = {}
     started: dict[str, float] = {}
+    decoded: dict[str, int] = {}  # snippets so far, per video
+    # one step per video; the postfix counts the current one's snippets, so a long video shows progress
+    bar = progress_bar(total=len(jobs), desc="video features", unit="video")
     producer.start()
     try:
         while True:
@@ -234,8 +238,11 @@ def extract_decoded(jobs: list[tuple[str, Path, float]], cfg: dict[str, Any], ou
             started.setdefault(vid, time.perf_counter())
             if kind == "batch":
                 parts.setdefault(vid, []).append(extractors(payload))
+                decoded[vid] = decoded.get(vid, 0) + len(payload)
+                bar.set_postfix_str(f"{vid}: {decoded[vid]} snippets")
             elif kind == "bad":
                 parts.pop(vid, None)
+                bar.update()
                 if on_bad == "error":
                     raise StageError(payload.path, payload.problem)
                 report[vid] = {"status": "skipped-bad", "reason": payload.problem}
@@ -251,7 +258,9 @@ def extract_decoded(jobs: list[tuple[str, Path, float]], cfg: dict[str, Any], ou
                                "fps": fps_of[vid], "seconds": round(seconds, 3),
                                "frames_per_second": round(payload / max(seconds, 1e-9), 1)}
                 done[vid] = len(starts)
+                bar.update()
     finally:
+        bar.close()
         stop.set()
         while producer.is_alive():  # unblock a producer waiting on a full queue
             try:
@@ -265,7 +274,7 @@ def extract_precomputed(entries: list[dict[str, Any]], cfg: dict[str, Any], out:
                         thumos_subset: dict[str, str], report: dict[str, dict[str, Any]]) -> dict[str, int]:
     pc = cfg["precomputed"]
     done = {}
-    for e in entries:
+    for e in progress_bar(entries, desc="video features (precomputed)", unit="video"):
         vid = e["video_id"]
         arrays, hashes = {}, []
         for k in schema.FEATURE_KEYS:
@@ -345,7 +354,8 @@ def build(profile: str, videos_dir: str | Path, out_dir: str | Path) -> dict[str
         max_res = tuple(cfg["max_resolution"]) if cfg.get("max_resolution") else None
         infos, source_hashes, jobs = {}, {}, []
         counts = {}
-        for e in entries:
+        # probing hashes every file: minutes over a real dataset
+        for e in progress_bar(entries, desc="video probe", unit="video"):
             vid, path = e["video_id"], video_path(videos_dir, e)
             try:
                 if path is None:

@@ -26,6 +26,7 @@ from models.distill import DistillationLoss, ForwardHookManager
 
 from ..kinds.base import to_device
 from ..platform.params import TrainParams
+from ..platform.progress import progress_bar
 from .checkpoint import Checkpointer
 from .parallel import SINGLE, Parallel
 
@@ -97,13 +98,24 @@ def cached_outputs(teacher: nn.Module, forward: Callable[[nn.Module, Any], Outpu
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
+def epoch_postfix(history: list[dict[str, float]]) -> dict[str, str]:
+    """The bar's postfix: the latest train loss and the latest value of each validation metric
+    (validation runs every `val_every` epochs, so it may be from an earlier row)."""
+    latest: dict[str, float] = {}
+    for row in history:
+        latest.update({k: v for k, v in row.items() if k == "train_loss" or k.startswith("val_")})
+    return {k: f"{v:.4g}" for k, v in latest.items()}
+
+
 def fit(model: nn.Module, criterion: DistillationLoss, train_set: Any, cfg: TrainParams, *, seed: int,
         forward: Callable[[nn.Module, Any], Outputs], validate: Callable[[nn.Module], dict[str, float]],
         device: torch.device = torch.device("cpu"), teacher: nn.Module | None = None,
         taps: dict[str, tuple[str, ...]] | None = None, cache_batch: int | None = None,
         parallel: Parallel = SINGLE, checkpoint: Checkpointer | None = None,
-        on_epoch: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
-    """Trains `model` (labels, or a distillation loss against a frozen `teacher`); one row per epoch."""
+        on_epoch: Callable[[dict[str, float]], None] | None = None,
+        progress: str | None = None) -> list[dict[str, float]]:
+    """Trains `model` (labels, or a distillation loss against a frozen `teacher`); one row per epoch.
+    `progress`: the description of the epoch bar (tasks/platform/progress.py), e.g. the run's name."""
     taps, checkpoint = taps or {}, checkpoint or Checkpointer(None)
     n = len(train_set)
     model.to(device)
@@ -155,6 +167,10 @@ def fit(model: nn.Module, criterion: DistillationLoss, train_set: Any, cfg: Trai
                                                   state["sums"][parallel.rank], state["history"])
         sampler.restart(state["epoch_start"], done)
 
+    # one bar per training, on the main rank only (every rank runs this loop); it reads the rows, never
+    # the RNGs or the model, so the history is the same with it drawn or not
+    bar = progress_bar(total=cfg.epochs, initial=first_epoch - 1, desc=progress or "training", unit="epoch",
+                       enabled=parallel.is_main)
     try:
         for epoch in range(first_epoch, cfg.epochs + 1):
             net.train()
@@ -194,7 +210,10 @@ def fit(model: nn.Module, criterion: DistillationLoss, train_set: Any, cfg: Trai
             done, sums = 0, (0.0, {})
             if on_epoch:
                 on_epoch(row)
+            bar.set_postfix(epoch_postfix(history), refresh=False)
+            bar.update()
     finally:
+        bar.close()
         s_hooks.clear()
         if t_hooks is not None:
             t_hooks.clear()

@@ -11,6 +11,7 @@ over test frames, one frame at a time), with the same layers run as dense conv3d
 """
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -222,6 +223,11 @@ class Detection3D:
 
     def unit_name(self, unit: Unit) -> str:
         return ""
+
+    def score_chart(self, metric: str) -> tuple[str, Any] | None:
+        """The DVC plot a test score belongs on: car_bev_ap -> ("bev_ap_by_class", "car")."""
+        m = re.fullmatch(r"(real_)?([a-z]+)_(bev|3d)_ap", metric)
+        return (f"{m[1] or ''}{m[3]}_ap_by_class", m[2]) if m else None
 
     def known_roles(self) -> set[str]:
         return set()

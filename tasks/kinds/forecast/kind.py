@@ -8,6 +8,7 @@ training-period climatology.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -130,6 +131,11 @@ class Forecast:
         if not claimed <= set(mp.eval_leads):
             return f"eval_leads: the claim needs leads {sorted(claimed)}, got {mp.eval_leads}"
         return None
+
+    def score_chart(self, metric: str) -> tuple[str, Any] | None:
+        """The DVC plot a test score belongs on: rmse_z500_24h -> ("rmse_z500_by_lead_h", 24)."""
+        m = re.fullmatch(r"(rmse|acc)_(\w+)_(\d+)h", metric)
+        return (f"{m[1]}_{m[2]}_by_lead_h", int(m[3])) if m else None
 
     def known_roles(self) -> set[str]:
         return {"persistence", "climatology", "iterated_1h"}

@@ -9,6 +9,7 @@ for each: how incomplete (CBP) or over-complete (VLP) a branch localizes. No non
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import numpy as np
@@ -172,6 +173,12 @@ class Localization:
 
     def unit_name(self, unit: Unit) -> str:
         return ""
+
+    def score_chart(self, metric: str) -> tuple[str, Any] | None:
+        """The DVC plot a test score belongs on: mAP_05 -> ("mAP_by_tiou", 0.5); ap_<class> -> by class."""
+        if m := re.fullmatch(r"(\w*mAP)_(\d\d)", metric):
+            return f"{m[1]}_by_tiou", int(m[2]) / 10
+        return ("ap_by_class", metric.removeprefix("ap_")) if metric.startswith("ap_") else None
 
     def known_roles(self) -> set[str]:
         return set()  # no non-learned baselines
