@@ -26,12 +26,18 @@ $(VENV)/.installed: pyproject.toml requirements.lock | $(UV)
 
 install: $(VENV)/.installed
 
-# PostgreSQL (Debian's package) for the real-server tests and `make serve`; skipped when present.
+# PostgreSQL (Debian's package) for the real-server tests and `make serve`, and Chromium with its
+# driver for the MLflow UI test (tests/test_mlflow_ui.py, selenium drives /usr/bin/chromium); each
+# skipped when present.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-deps:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then \
 		echo "installing PostgreSQL (apt-get)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+	fi
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		echo "installing Chromium and chromedriver (apt-get)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
 	fi
 
 # `dvc repro` with one Prefect server for the whole pipeline (flows/repro.py)

@@ -1,5 +1,5 @@
 """The one method flow, for every kind: plan → train teachers → register the best → train students →
-evaluate against baselines → check the claim → register → report.
+evaluate against baselines → check the claim → register → annotate the MLflow view → report.
 
     python -m flows.method hinton_kd                 # what the DVC stage `train@hinton_kd` runs
     python -m flows.method pangu --report PATH       # report elsewhere than metrics/<method>.json
@@ -22,6 +22,7 @@ from tasks.methods import resolve
 from tasks.platform.common import cli_main
 from tasks.platform.lineage import code_hash, run_lineage, training_code_paths
 from tasks.platform.tracking import parent_run
+from tasks.steps.annotate import parent_name, run_source, summary
 from tasks.steps.claims import describe
 from tasks.steps.plan import plan
 from tasks.steps.register import registered_names
@@ -46,7 +47,14 @@ def method_flow(method: str, params_file: str = "params.yaml", report_path: str 
             s.pull_data(mp.data)
         data_hash = s.validate_inputs(spec.kind, mp.data)
     lineage = run_lineage(mp.data, data_hash)
-    ctx = s.open_experiment(spec.name, deployment_settings(params), lineage)
+    # every run also says how the flow was started (DVC stage, deployment, command line); the report's
+    # lineage stays the data's and code's alone
+    deployment = None
+    if in_deployment():
+        from prefect.runtime import deployment as current
+        deployment = f"{method_flow.name}/{current.name}"  # as `prefect deployment run` names it
+    ctx = s.open_experiment(spec.name, deployment_settings(params), {**lineage, **run_source(deployment)})
+    s.describe_experiment(spec, mp, ctx)
 
     def train(job, teacher=None, teacher_version=None):
         return s.train_unit(spec, job.role, job.unit, job.seed, **role_params(mp, job.role), data_dir=mp.data,
@@ -58,8 +66,12 @@ def method_flow(method: str, params_file: str = "params.yaml", report_path: str 
                 for m in models]
 
     claim = " and ".join(c.statement for c in spec.claims)
-    with parent_run(ctx, spec.name, tags={"method": spec.name, "role": "flow", "kind": spec.kind,
-                                          "claim": claim}) as parent_id:
+    seeds = ",".join(map(str, mp.seeds))  # the parent's `seed` column: the seeds its claim is checked over
+    with parent_run(ctx, parent_name(spec.name), tags={"method": spec.name, "role": "flow", "kind": spec.kind,
+                                                       "claim": claim, "seed": seeds},
+                    description=f"**{spec.name}**: {summary(spec)}\n\nChecks `{claim}` over seeds {seeds}; "
+                                "the verdict, each role's score and links to the runs follow when it ends."
+                    ) as parent_id:
         ctx = dataclasses.replace(ctx, parent_run_id=parent_id)
         trained = {job.key: train(job) for job in jobs.teachers}
         teachers = compose(jobs.teacher_models, trained)
@@ -77,6 +89,9 @@ def method_flow(method: str, params_file: str = "params.yaml", report_path: str 
         evaluations = s.evaluate(spec, mp, mp.data, teachers + students, ctx)
         verdict = s.check_claim(spec, evaluations)
         registry = s.register_models(spec, teacher, teacher_version, students, evaluations, verdict, ctx)
+        # the verdict and the registered versions exist now: onto every run, for the MLflow UI
+        s.annotate_runs(spec, [*trained.values(), *teachers, *students], evaluations, verdict, ctx)
+        s.describe_experiment(spec, mp, ctx, verdict)
         s.log_report_figures(spec, mp, mp.data, evaluations, teacher, ctx)
         extra = {"kind": spec.kind, "recipe": spec.recipe, "seeds": list(mp.seeds), "lineage": lineage,
                  **({"leads": list(spec.leads), "eval_leads": list(mp.eval_leads)} if spec.leads else {})}

@@ -21,7 +21,7 @@ from tasks.methods import MethodSpec
 from tasks.platform import tracking
 from tasks.platform.common import StageError, hash_path
 from tasks.platform.params import MethodParams, TrainParams
-from tasks.steps import claims, evaluate as scoring, register as registry, report as reporting, train_role
+from tasks.steps import annotate, claims, evaluate as scoring, register as registry, report as reporting, train_role
 from tasks.steps.train_role import TrainedModel
 
 
@@ -70,6 +70,20 @@ def validate_inputs(kind: str, data_dir: str) -> str:
 @task(name="open-experiment", **IO_RETRIES)
 def open_experiment(name: str, params: dict[str, Any], lineage: dict[str, str]) -> tracking.RunContext:
     return tracking.experiment_context(name, params, lineage)
+
+
+@task(name="describe-experiment", **IO_RETRIES)
+def describe_experiment(spec: MethodSpec, mp: MethodParams, ctx: tracking.RunContext,
+                        verdict: dict[str, Any] | None = None) -> None:
+    """The experiment's description, primary metric and saved comparison view (tasks.steps.annotate)."""
+    annotate.annotate_experiment(spec, mp, ctx, verdict)
+
+
+@task(name="annotate-runs", **IO_RETRIES)
+def annotate_runs(spec: MethodSpec, models: list[TrainedModel], evaluations: list[dict[str, Any]],
+                  verdict: dict[str, Any], ctx: tracking.RunContext) -> list[str]:
+    """The verdict on every run of the flow, their descriptions' results, the parent's name."""
+    return annotate.annotate_flow(spec, models, evaluations, verdict, ctx)
 
 
 @task(name="train", cache_policy=TRAINING_CACHE, task_run_name="train-{role}-{seed}")

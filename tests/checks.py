@@ -61,7 +61,44 @@ def check_classification_method_recorded(client, root, method, lineage):
     assert student.run_id in {r.info.run_id for r in by_role["student_kd"]}
     teacher = client.get_model_version_by_alias(f"{method}_teacher", "champion")
     assert teacher.run_id == teacher_id
+    check_mlflow_view(client, method, by_role, report["claim"]["verdict"], {student.run_id: method,
+                                                                          teacher.run_id: f"{method}_teacher"})
     return report
+
+
+def check_mlflow_view(client, method, by_role, verdict, champions):
+    """What the MLflow UI shows of the flow (tasks/steps/annotate.py): every run tagged with its method,
+    kind, role, seed, source and the verdict, named for a narrow column and described; every scored
+    run's `score`; the champions' runs tagged; the experiment and the versions described.
+    `champions`: run id -> the registered model whose champion it is."""
+    exp = client.get_experiment_by_name(method)
+    assert method in exp.tags["mlflow.note.content"] and "Latest verdict" in exp.tags["mlflow.note.content"]
+    assert "mlflow.sharedViewState.distillery-roles" in exp.tags
+    for role, runs in by_role.items():
+        for r in runs:
+            t, seed = r.data.tags, r.data.tags["distillery.seed"]
+            assert t["distillery.method"] == method and t["distillery.kind"] == "classification"
+            assert t["distillery.claim_verdict"] == verdict
+            assert t["distillery.source"] in ("dvc", "prefect-deployment", "cli") and t["distillery.entry_point"]
+            assert t["mlflow.note.content"]
+            if role == "flow":
+                assert r.info.run_name == f"{verdict} · {method}"
+                continue
+            assert r.info.run_name == {"teacher": f"teacher s{seed}", "student_kd": f"kd s{seed}",
+                                       "student_labels": f"labels s{seed}"}[role]
+            assert r.data.metrics["score"] == r.data.metrics["test_accuracy"]
+            assert t["distillery.score_metric"] == "test_accuracy"
+            assert t["distillery.reproduce_tolerance"] == "1e-06"
+            assert t["distillery.claim_run_id"] == by_role["flow"][0].info.run_id
+            # a list: a teacher that methods share is the champion of each method's teacher model
+            entries = t.get("distillery.champion", "").split(", ")
+            if r.info.run_id in champions:
+                assert f"{champions[r.info.run_id]}@champion" in entries
+            else:
+                assert not {f"{name}@champion" for name in champions.values()} & set(entries)
+            assert "train_loss_kd" not in r.data.metrics or role == "student_kd"
+    for name in set(champions.values()):
+        assert client.get_model_version_by_alias(name, "champion").description
 
 
 def check_champions_predict_with_their_recorded_scores(tracking_uri, method, test_split):

@@ -99,3 +99,100 @@ def test_every_run_names_its_owner_process(tracking_ctx):
     with tracking.run(tracking_ctx, "r") as run_id:
         pass
     assert MlflowClient(tracking_ctx.tracking_uri).get_run(run_id).data.tags[tracking.OWNER] == tracking.owner()
+
+
+def test_champion_tag_moves_with_the_alias(tracking_ctx):
+    """The run of the champion version says so (`distillery.champion`), and only while it is."""
+    client = MlflowClient(tracking_ctx.tracking_uri)
+    runs = []
+    for score in (0.8, 0.9, 0.9):  # better, then a tie, which keeps the champion
+        run_id, uri = logged_model(tracking_ctx)
+        tracking.promote_if_better("m", tracking.register_version("m", uri, run_id, tracking_ctx), score, True,
+                                   tracking_ctx)
+        runs.append(run_id)
+    tags = [client.get_run(r).data.tags.get(tracking.CHAMPION_TAG) for r in runs]
+    assert tags == [None, "m@champion", None]
+    # a run registered under two names (a teacher methods share) is the champion of both
+    tracking.promote_if_better("other", tracking.register_version("other", "runs:/x/model", runs[1], tracking_ctx),
+                               1.0, True, tracking_ctx)
+    assert client.get_run(runs[1]).data.tags[tracking.CHAMPION_TAG] == "m@champion, other@champion"
+
+
+def test_runs_and_the_experiment_carry_what_the_mlflow_ui_shows(tracking_ctx):
+    import json
+    client = MlflowClient(tracking_ctx.tracking_uri)
+    experiment = client.get_experiment(tracking_ctx.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    with tracking.parent_run(tracking_ctx, "p", description="**flow**") as parent:
+        pass
+    tags = client.get_run(parent).data.tags
+    assert tags[tracking.NOTE] == "**flow**"
+    assert tags["mlflow.source.name"] and tags["mlflow.user"]  # as the fluent API's runs have them
+    with tracking.run(tracking_ctx, "c", description="child") as child:
+        pass
+    tracking.annotate_run(child, tracking_ctx, name="kd s0", description="new", tags={"claim_verdict": "holds"})
+    r = client.get_run(child)
+    assert r.info.run_name == "kd s0" and r.data.tags[tracking.NOTE] == "new"
+    assert r.data.tags["distillery.claim_verdict"] == "holds"
+
+    tracking.describe_experiment(tracking_ctx, "about", primary_metric="score")
+    tracking.save_view(tracking_ctx, "v", "a view", {"orderByKey": "metrics.`score`"})
+    first = json.loads(client.get_experiment(tracking_ctx.experiment_id).tags[f"{tracking.SAVED_VIEW}v"])
+    tracking.save_view(tracking_ctx, "v", "a view", {"orderByKey": "metrics.`score`", "orderByAsc": True})
+    tags = client.get_experiment(tracking_ctx.experiment_id).tags
+    view = json.loads(tags[f"{tracking.SAVED_VIEW}v"])
+    assert view["createdAt"] == first["createdAt"] and json.loads(view["state"])["orderByAsc"] is True
+    assert tags[tracking.NOTE] == "about" and tags[tracking.PRIMARY_METRIC] == "score"
+
+
+def test_run_names_read_in_a_narrow_column_and_runs_say_how_they_were_started(monkeypatch):
+    from tasks.steps.annotate import parent_name, run_name, run_source
+    assert [run_name("teacher", 0), run_name("student_kd", 1), run_name("student_labels", 2)] == \
+        ["teacher s0", "kd s1", "labels s2"]
+    assert run_name("teacher", 0, "24h") == "teacher 24h s0"
+    assert run_name("teacher", 0, composed=True) == "teacher s0 composed"
+    assert parent_name("hinton_kd", "holds") == "holds · hinton_kd" and parent_name("hinton_kd") == "hinton_kd"
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    assert run_source() == {"source": "cli", "entry_point": "python -m flows.method"}
+    assert run_source("method/hinton-kd") == {"source": "prefect-deployment", "entry_point": "method/hinton-kd"}
+    monkeypatch.setenv("DVC_STAGE", "train@hinton_kd")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert run_source() == {"source": "dvc", "entry_point": "dvc repro train@hinton_kd"}
+
+
+def test_the_claim_step_puts_the_verdict_and_results_on_every_run_of_the_flow(tracking_ctx):
+    """annotate_flow on runs laid out as the flow lays them out (no training: tiny logged models)."""
+    import dataclasses
+    from tasks.methods import get_method
+    from tasks.steps.annotate import annotate_flow, training_description
+    from tasks.steps.train_role import TrainedModel
+    spec = get_method("hinton_kd")
+    client = MlflowClient(tracking_ctx.tracking_uri)
+    scores = {("teacher", 0): 0.97, ("student_kd", 0): 0.8, ("student_labels", 0): 0.7}
+    with tracking.parent_run(tracking_ctx, "hinton_kd") as parent:
+        ctx = dataclasses.replace(tracking_ctx, parent_run_id=parent)
+        trained = []
+        for role, seed in scores:
+            with tracking.run(ctx, role, tags={"role": role, "seed": seed},
+                              description=training_description(role, seed, "", "m", 10, ctx)) as run_id:
+                uri = tracking.log_model(torch.nn.Linear(2, 2), None)
+            trained.append(TrainedModel(role, seed, run_id, uri, 0.5))
+        by_role = {t.role: t for t in trained}
+        kd = by_role["student_kd"]
+        version = tracking.register_version("hinton_kd", kd.model_uri, kd.run_id, ctx)
+        evaluations = [{"role": t.role, "seed": t.seed, "run_id": t.run_id,
+                        "metrics": {"accuracy": scores[(t.role, t.seed)]}} for t in trained]
+        part = {"statement": spec.claims[0].statement, "verdict": "inconclusive", "diff_mean": 0.1, "ci95": None,
+                "seeds": [0]}
+        verdict = {"statement": part["statement"], "verdict": "inconclusive", "parts": [part]}
+        for _ in range(2):  # a cached rerun annotates the same runs again: one result on top, not two
+            assert sorted(annotate_flow(spec, trained, evaluations, verdict, ctx)) == sorted(t.run_id for t in trained)
+    kd = client.get_run(by_role["student_kd"].run_id)
+    note = kd.data.tags[tracking.NOTE]
+    assert note.count("**Result**") == 1 and note.index("**Result**") == 0 and "**0.8**" in note
+    assert tracking.model_version_link("hinton_kd", version) in note and "**kd s0**" in note
+    assert kd.data.tags["distillery.claim_verdict"] == "inconclusive"
+    assert kd.data.tags["distillery.claim_run_id"] == parent
+    p = client.get_run(parent)
+    assert p.info.run_name == "inconclusive · hinton_kd"
+    assert all(tracking.run_link(ctx.experiment_id, t.run_id) in p.data.tags[tracking.NOTE] for t in trained)

@@ -28,6 +28,16 @@ from .common import REPO_ROOT
 
 CHAMPION = "champion"
 TAG = "distillery."  # prefix of our own tags
+# Tags the MLflow UI reads. A run's or experiment's description is the Markdown of its note tag; the
+# experiment kind says it is a model-training experiment, not a GenAI one (MLflow 3.17's UI follows a
+# per-browser switch instead: see UI_MODE); the primary metric is one the chart view always draws.
+NOTE = "mlflow.note.content"
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+PRIMARY_METRIC = "mlflow.experiment.primaryMetric.name"
+SAVED_VIEW = "mlflow.sharedViewState."  # + view id: a saved view of the runs table (its Views menu)
+# absolute tolerance on `test_*` metrics when a run is rerun from the same commit and data on CPU
+# (`distillery reproduce` reads it from every trained or evaluated run)
+REPRODUCE_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -74,8 +84,11 @@ def experiment_context(name: str, params: dict[str, Any], lineage: dict[str, str
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        client.create_experiment(name, artifact_location=artifact_location(uri, params.get("artifact_root"), name))
+        client.create_experiment(name, artifact_location=artifact_location(uri, params.get("artifact_root"), name),
+                                 tags=dict([EXPERIMENT_KIND]))
         exp = client.get_experiment_by_name(name)
+    elif EXPERIMENT_KIND[0] not in exp.tags:  # an experiment created before the tag existed
+        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
     ended = end_orphaned_runs(client, exp.experiment_id)
     if ended:
         logging.getLogger(__name__).warning("%s: marked %d run(s) KILLED whose process had died: %s",
@@ -103,11 +116,15 @@ def redact(uri: str) -> str:
 
 
 @contextlib.contextmanager
-def parent_run(ctx: RunContext, name: str, tags: dict[str, Any] | None = None) -> Iterator[str]:
+def parent_run(ctx: RunContext, name: str, tags: dict[str, Any] | None = None,
+               description: str | None = None) -> Iterator[str]:
     """A run that spans several tasks (and maybe threads), so it is driven through the client and
     always ended: FINISHED, FAILED on error, KILLED on interrupt (never left RUNNING)."""
+    from mlflow.tracking.context.registry import resolve_tags
     client = MlflowClient(ctx.tracking_uri)
-    r = client.create_run(ctx.experiment_id, run_name=name, tags=_tags(ctx, tags))
+    # the context tags `mlflow.start_run` adds by itself (user, source, git commit): without them the
+    # parent's Source and User columns stay empty while its children's are filled
+    r = client.create_run(ctx.experiment_id, run_name=name, tags=resolve_tags(_tags(ctx, tags, description)))
     status = RunStatus.FAILED
     try:
         yield r.info.run_id
@@ -123,12 +140,12 @@ def parent_run(ctx: RunContext, name: str, tags: dict[str, Any] | None = None) -
 
 @contextlib.contextmanager
 def run(ctx: RunContext, name: str, tags: dict[str, Any] | None = None,
-        params: dict[str, Any] | None = None) -> Iterator[str]:
+        params: dict[str, Any] | None = None, description: str | None = None) -> Iterator[str]:
     """A run inside one task: the fluent API is safe here (one task, one thread). Nested under
-    ctx.parent_run_id; an exception marks it FAILED."""
+    ctx.parent_run_id; an exception marks it FAILED. `description`: Markdown, shown on the run page."""
     mlflow.set_tracking_uri(ctx.tracking_uri)
     with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=name,
-                          parent_run_id=ctx.parent_run_id, tags=_tags(ctx, tags)) as r:
+                          parent_run_id=ctx.parent_run_id, tags=_tags(ctx, tags, description)) as r:
         if params:
             mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
         yield r.info.run_id
@@ -160,10 +177,12 @@ class EpochLogger:
     close = flush
 
 
-def _tags(ctx: RunContext, tags: dict[str, Any] | None) -> dict[str, str]:
+def _tags(ctx: RunContext, tags: dict[str, Any] | None, description: str | None = None) -> dict[str, str]:
     out = {f"{TAG}{k}": str(v) for k, v in ctx.lineage.items()}
     out.update({f"{TAG}{k}": str(v) for k, v in (tags or {}).items()})
     out[OWNER] = owner()
+    if description:
+        out[NOTE] = description
     return out
 
 
@@ -220,6 +239,59 @@ def set_tags(run_id: str, tags: dict[str, Any], ctx: RunContext) -> None:
     client = MlflowClient(ctx.tracking_uri)
     for k, v in tags.items():
         client.set_tag(run_id, f"{TAG}{k}", str(v))
+
+
+def annotate_run(run_id: str, ctx: RunContext, *, name: str | None = None, description: str | None = None,
+                 tags: dict[str, Any] | None = None) -> None:
+    """A finished run's name, description (Markdown) and `distillery.*` tags, in one write."""
+    from mlflow.entities import RunTag
+    out = [RunTag(f"{TAG}{k}", str(v)) for k, v in (tags or {}).items()]
+    if name:
+        out.append(RunTag("mlflow.runName", name))
+    if description:
+        out.append(RunTag(NOTE, description))
+    MlflowClient(ctx.tracking_uri).log_batch(run_id, tags=out)
+
+
+def describe_experiment(ctx: RunContext, description: str, primary_metric: str | None = None) -> None:
+    client = MlflowClient(ctx.tracking_uri)
+    client.set_experiment_tag(ctx.experiment_id, NOTE, description)
+    if primary_metric:
+        client.set_experiment_tag(ctx.experiment_id, PRIMARY_METRIC, primary_metric)
+
+
+def save_view(ctx: RunContext, view_id: str, name: str, state: dict[str, Any]) -> None:
+    """A saved view of the experiment's runs table (columns, sort, filter, grouping) as MLflow's UI
+    stores one: it is listed under Views and opens at `#/experiments/<id>/runs?viewStateShareKey=<view_id>`.
+    Rewritten in place, so the flow's view stays one entry however often it runs."""
+    import json
+    client = MlflowClient(ctx.tracking_uri)
+    key = f"{SAVED_VIEW}{view_id}"
+    now = int(time.time() * 1000)
+    old = client.get_experiment(ctx.experiment_id).tags.get(key)
+    created = json.loads(old).get("createdAt", now) if old else now
+    client.set_experiment_tag(ctx.experiment_id, key, json.dumps(
+        {"name": name, "createdAt": created, "updatedAt": now, "state": json.dumps(state)}))
+
+
+# MLflow 3.17's UI shows every experiment in its GenAI layout until the browser is switched to "Model
+# training" (a setting kept per browser, not per experiment), and files a run without a logged model
+# (a flow's parent run) under "Evaluations" there; this parameter switches the page a link opens.
+UI_MODE = "?workflowType=machine_learning"
+
+
+def run_link(experiment_id: str, run_id: str) -> str:
+    """A link to a run page, relative to the MLflow UI it is shown in (server-independent)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}{UI_MODE}"
+
+
+def experiment_link(experiment_id: str, view: str | None = None) -> str:
+    """The experiment's runs table, in a saved view when `view` names one (`save_view`)."""
+    return f"#/experiments/{experiment_id}/runs{UI_MODE}" + (f"&viewStateShareKey={view}" if view else "")
+
+
+def model_version_link(name: str, version: int | str) -> str:
+    return f"#/models/{name}/versions/{version}{UI_MODE}"
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], ctx: RunContext, step: int | None = None) -> None:
@@ -309,6 +381,15 @@ def register_version(name: str, model_uri: str, run_id: str, ctx: RunContext,
     return int(mv.version)
 
 
+def describe_model(name: str, version: int, ctx: RunContext, version_description: str,
+                   model_description: str | None = None) -> None:
+    """Markdown descriptions of a registered model version (and of the registered model)."""
+    client = MlflowClient(ctx.tracking_uri)
+    client.update_model_version(name, str(version), description=version_description)
+    if model_description:
+        client.update_registered_model(name, description=model_description)
+
+
 def promote_if_better(name: str, version: int, score: float, higher_is_better: bool,
                       ctx: RunContext) -> dict[str, Any]:
     """Records `score` on the version and moves `champion` to it only if it beats the current
@@ -322,8 +403,36 @@ def promote_if_better(name: str, version: int, score: float, higher_is_better: b
         better = previous is None or (score > previous[1] if higher_is_better else score < previous[1])
     if better:
         client.set_registered_model_alias(name, CHAMPION, str(version))
+        _move_champion_tag(client, name, None if previous is None else previous[0], version)
     return {"name": name, "version": version, "score": score, "champion": better,
             "previous_champion": None if previous is None else {"version": previous[0], "score": previous[1]}}
+
+
+# On the run of a champion version: `<name>@champion`, comma-separated when one run is the champion
+# of several models (a teacher that methods share), so a run page says which champion it is.
+CHAMPION_TAG = f"{TAG}champion"
+
+
+def _move_champion_tag(client: MlflowClient, name: str, old_version: int | None, new_version: int) -> None:
+    entry = f"{name}@{CHAMPION}"
+
+    def update(version: int, add: bool) -> None:
+        run_id = client.get_model_version(name, str(version)).run_id
+        if not run_id:
+            return
+        try:
+            current = client.get_run(run_id).data.tags.get(CHAMPION_TAG, "")
+        except mlflow.exceptions.MlflowException:  # the run was deleted since
+            return
+        entries = {e for e in current.split(", ") if e} - {entry} | ({entry} if add else set())
+        if entries:
+            client.set_tag(run_id, CHAMPION_TAG, ", ".join(sorted(entries)))
+        elif current:
+            client.delete_tag(run_id, CHAMPION_TAG)
+
+    if old_version is not None and old_version != new_version:
+        update(old_version, add=False)
+    update(new_version, add=True)
 
 
 def champion_score(name: str, ctx: RunContext) -> tuple[int, float] | None:

@@ -8,21 +8,28 @@ from ..kinds import get_kind
 from ..methods import MethodSpec
 from ..platform import tracking
 from ..platform.params import MethodParams
+from .annotate import SCORE, baseline_description
 from .train_role import TrainedModel
 
 
 def evaluate(spec: MethodSpec, mp: MethodParams, data_dir: str, trained: list[TrainedModel],
              ctx: tracking.RunContext) -> list[dict[str, Any]]:
     """One evaluation per model and baseline: {role, seed, run_id, metrics}; each model's run gets
-    `test_<metric>`, and each baseline a run of its own that holds its metrics."""
+    `test_<metric>`, and each baseline a run of its own that holds its metrics. Every one of those
+    runs also gets `score`, its test primary metric under the one name every method shares, so the
+    MLflow runs table and compare page line up teacher, students and baselines in one column."""
     kind = get_kind(spec.kind)
     data = kind.load(data_dir)
     evaluations = []
+    score_tags = {"score_metric": f"test_{spec.primary_metric}",
+                  "score_higher_is_better": str(spec.higher_is_better).lower()}
 
     def record(role: str, seed: int, run_id: str, predict: Any, model_uri: str | None = None,
                measured: dict[str, float] | None = None) -> None:
         metrics = kind.test_metrics(predict, data, mp)
-        tracking.log_metrics(run_id, {f"test_{k}": v for k, v in metrics.items()}, ctx)
+        tracking.log_metrics(run_id, {**{f"test_{k}": v for k, v in metrics.items()},
+                                      SCORE: metrics[spec.primary_metric]}, ctx)
+        tracking.annotate_run(run_id, ctx, tags=score_tags)
         # what training measured (bytes a communication hook sent) sits beside the test metrics
         evaluations.append({"role": role, "seed": seed, "run_id": run_id, "metrics": {**(measured or {}), **metrics},
                             "model_uri": model_uri})
@@ -31,7 +38,9 @@ def evaluate(spec: MethodSpec, mp: MethodParams, data_dir: str, trained: list[Tr
         record(tm.role, tm.seed, tm.run_id, kind.predictor(tracking.load_model(tm.model_uri, ctx), data),
                tm.model_uri, tm.train_metrics)
     for role, predict in kind.baselines(spec, data).items():
-        with tracking.run(ctx, role, tags={"method": spec.name, "role": role, "seed": 0}) as run_id:
+        tags = {"method": spec.name, "role": role, "seed": 0, "kind": spec.kind,
+                "reproduce_tolerance": tracking.REPRODUCE_TOLERANCE}
+        with tracking.run(ctx, role, tags=tags, description=baseline_description(role, spec.kind, ctx)) as run_id:
             pass
         record(role, 0, run_id, predict)
     return evaluations

@@ -30,6 +30,7 @@ from ..platform.params import MethodParams, TrainParams
 from ..train.checkpoint import Checkpointer
 from ..train.loop import fit
 from ..train.parallel import SINGLE, Parallel
+from . import annotate
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = os.environ.get("DISTILLERY_CHECKPOINTS", ".checkpoints")
@@ -90,6 +91,7 @@ class UnitJob:
     ctx: tracking.RunContext
     teacher_uri: str | None
     checkpoint: str
+    name: str = ""                     # the run's, for the epoch progress bar
 
     @property
     def nproc(self) -> int:
@@ -106,7 +108,7 @@ def fit_job(job: UnitJob, model: torch.nn.Module, data: Any, device: torch.devic
                forward=kind.forward, validate=lambda m: kind.validate(m, data, job.unit, device), device=device,
                teacher=teacher, taps=job.spec.feature_taps if distilled else None, cache_batch=kind.cache_batch,
                parallel=parallel, checkpoint=Checkpointer(job.checkpoint, job.tp.checkpoint_every),
-               on_epoch=on_epoch)
+               on_epoch=on_epoch, progress=f"{job.spec.name} {job.name}")
 
 
 def fit_distributed(job: UnitJob, model: torch.nn.Module, run_id: str) -> list[dict[str, float]]:
@@ -145,7 +147,8 @@ def train_unit(spec: MethodSpec, role: str, unit: Unit, seed: int, tp: TrainPara
 
     unit_name = kind.unit_name(unit)
     name = run_name(role, unit_name, seed)
-    tags = {"method": spec.name, "role": role, "seed": seed, "model": model_name, "device": str(device)}
+    tags = {"method": spec.name, "role": role, "seed": seed, "kind": spec.kind, "model": model_name,
+            "device": str(device), "reproduce_tolerance": tracking.REPRODUCE_TOLERANCE}
     if unit_name:
         tags["unit"] = unit_name
     if tp.parallel and tp.parallel.nproc > 1:
@@ -160,8 +163,14 @@ def train_unit(spec: MethodSpec, role: str, unit: Unit, seed: int, tp: TrainPara
     ckpt = checkpoint_path(name, {**run_params, "data": ctx.lineage.get("data_sha256"),
                                   "teacher": teacher and teacher.run_id})
     job = UnitJob(spec, role, unit, seed, tp, terms, data_dir, str(device), ctx,
-                  teacher.model_uri if distilled else None, str(ckpt))
-    with tracking.run(ctx, name, tags=tags, params=run_params) as run_id:
+                  teacher.model_uri if distilled else None, str(ckpt), name)
+    # the MLflow run's name is the short one a narrow table column shows (`kd s1`); the checkpoint
+    # keeps `name`, which stays unique per training
+    description = annotate.training_description(
+        role, seed, unit_name, model_name, run_params["n_params"], ctx, terms=terms,
+        teacher_run_id=teacher.run_id if distilled else None, teacher_version=teacher_version)
+    with tracking.run(ctx, annotate.run_name(role, seed, unit_name), tags=tags, params=run_params,
+                      description=description) as run_id:
         log.info("%s/%s seed %d on %s%s", spec.name, name, seed, device,  # never a silent CPU fallback
                  f" x {job.nproc} processes" if job.nproc > 1 else "")
         if job.nproc > 1:
@@ -189,11 +198,17 @@ def compose(spec: MethodSpec, role: str, seed: int, members: dict[Unit, TrainedM
         return only
     model = kind.compose({unit: tracking.load_model(tm.model_uri, ctx) for unit, tm in members.items()})
     names = {unit: kind.unit_name(unit) for unit in members}
-    tags = {"method": spec.name, "role": role, "seed": seed, "units": ",".join(names[u] for u in sorted(members)),
+    units = ",".join(names[u] for u in sorted(members))
+    tags = {"method": spec.name, "role": role, "seed": seed, "kind": spec.kind, "units": units,
+            "reproduce_tolerance": tracking.REPRODUCE_TOLERANCE,
             **{f"member_{names[u]}_run_id": tm.run_id for u, tm in members.items()}}
-    with tracking.run(ctx, f"{role}-composed-seed{seed}", tags=tags) as run_id:
-        uri = tracking.log_model(model, None)
     first = next(iter(members.values()))
+    # a derived role (e.g. iterated_1h) composes the teacher's units: the members' role says the model
+    model_name = spec.teacher if first.role == "teacher" else spec.student
+    description = annotate.training_description(role, seed, units, model_name, 0, ctx, composed=True)
+    with tracking.run(ctx, annotate.run_name(role, seed, composed=True), tags=tags,
+                      description=description) as run_id:
+        uri = tracking.log_model(model, None)
     return TrainedModel(role=role, seed=seed, run_id=run_id, model_uri=uri,
                         val_score=float(np.mean([tm.val_score for tm in members.values()])),
                         val_higher_is_better=first.val_higher_is_better)
