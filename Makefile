@@ -72,6 +72,8 @@ bench: install
 	python benchmarks/video_features.py
 	python benchmarks/voxelize.py
 	python benchmarks/sps_backbone.py
+	python benchmarks/ddp_scaling.py
+	python benchmarks/terngrad.py
 
 # `make run` killed with SIGKILL at 20 seeded random moments and rerun (README, Reliability)
 bench-kill: install
