@@ -11,9 +11,8 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +77,8 @@ def role_params(mp: MethodParams, role: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class UnitJob:
-    """One unit's training, everything a process needs to run it (picklable: torchrun's ranks get it
-    in a file)."""
+    """One unit's training, everything a process needs to run it. torchrun's ranks get it as JSON in
+    a file (`to_json` / `from_json`; never a pickle: a rank must not execute what it reads)."""
     spec: MethodSpec
     role: str
     unit: Unit
@@ -96,6 +95,18 @@ class UnitJob:
     @property
     def nproc(self) -> int:
         return self.tp.parallel.nproc if self.tp.parallel else 1
+
+    def to_json(self) -> str:
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("spec", "tp", "ctx")}
+        return json.dumps({**plain, "method": self.spec.name, "tp": self.tp.model_dump(), "ctx": asdict(self.ctx)})
+
+    @classmethod
+    def from_json(cls, text: str) -> "UnitJob":
+        """The method's declaration comes from the registry, by name."""
+        from ..methods import get_method
+        job = json.loads(text)
+        return cls(spec=get_method(job.pop("method")), tp=TrainParams(**job.pop("tp")),
+                   ctx=tracking.RunContext(**job.pop("ctx")), **job)
 
 
 def fit_job(job: UnitJob, model: torch.nn.Module, data: Any, device: torch.device, parallel: Parallel = SINGLE,
@@ -120,8 +131,8 @@ def fit_distributed(job: UnitJob, model: torch.nn.Module, run_id: str) -> list[d
         raise StageError("params.yaml", f"methods.{job.spec.name}.{side}.parallel.nproc: {job.nproc} ranks "
                                         f"need {job.nproc} GPUs, this machine has {torch.cuda.device_count()}")
     with tempfile.TemporaryDirectory(prefix="distillery-ddp-") as tmp:
-        job_file, result = Path(tmp) / "job.pkl", Path(tmp) / "result.pt"
-        job_file.write_bytes(pickle.dumps(job))
+        job_file, result = Path(tmp) / "job.json", Path(tmp) / "result.pt"
+        job_file.write_text(job.to_json())
         launch("tasks.steps.train_worker", [str(job_file), run_id, str(result)], job.nproc)
         out = torch.load(result, map_location="cpu", weights_only=True)
     model.load_state_dict(out["model"])

@@ -9,14 +9,12 @@ logs the model and registers it: no other rank touches MLflow.
 """
 from __future__ import annotations
 
-import pickle
 import sys
 from pathlib import Path
 
 import torch
 
 from ..kinds import get_kind
-from ..methods import get_method
 from ..platform import tracking
 from ..platform.common import atomic_path
 from ..train.distributed import close, init_from_env
@@ -25,10 +23,9 @@ from .train_role import UnitJob, fit_job, resolve_device
 
 def main(argv: list[str]) -> None:
     job_file, run_id, out = argv
-    job: UnitJob = pickle.loads(Path(job_file).read_bytes())
+    job = UnitJob.from_json(Path(job_file).read_text())
     parallel, device = init_from_env(job.tp.parallel, resolve_device(job.device), job.seed)
     try:
-        get_method(job.spec.name)  # imports the declaration, which registers its models and losses
         kind = get_kind(job.spec.kind)
         data = kind.load(job.data_dir)
         torch.manual_seed(job.seed)
