@@ -170,6 +170,7 @@ def test_a_killed_ddp_run_resumes_from_rank_0s_checkpoint_to_the_same_weights(tm
     assert killed.returncode != 0 and ckpt.is_file() and not (tmp_path / "resumed.pt").exists()
     assert torch.load(ckpt, weights_only=True)["step"] == 6
     assert torchrun(ckpt, tmp_path / "resumed.pt").returncode == 0
-    plain, resumed = torch.load(tmp_path / "plain.pt"), torch.load(tmp_path / "resumed.pt")
+    plain = torch.load(tmp_path / "plain.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
     for name, w in plain.items():
         assert torch.equal(w, resumed[name]), name

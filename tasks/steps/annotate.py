@@ -11,7 +11,7 @@ server shows them. The names and descriptions are only for reading: code finds r
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mlflow.tracking import MlflowClient
 
@@ -19,9 +19,7 @@ from ..methods import MethodSpec, loss_terms
 from ..platform import tracking
 from ..platform.params import MethodParams
 from .claims import summarize
-
-if TYPE_CHECKING:  # train_role and register name runs and describe models with this module
-    from .train_role import TrainedModel
+from .plan import registered_names
 
 SHORT_ROLE = {"student_kd": "kd", "student_labels": "labels"}
 TRAINED_ROLES = ("teacher", "student_kd", "student_labels")  # the others: non-learned baselines, one run
@@ -146,7 +144,7 @@ def claim_markdown(verdict: dict[str, Any]) -> str:
     return f"Claim: **{verdict['verdict']}**\n\n" + "\n".join(f"- {part(p)}" for p in verdict["parts"])
 
 
-def annotate_flow(spec: MethodSpec, trained: list[TrainedModel], evaluations: list[dict[str, Any]],
+def annotate_flow(spec: MethodSpec, trained: list[Any], evaluations: list[dict[str, Any]],
                   verdict: dict[str, Any], ctx: tracking.RunContext) -> list[str]:
     """Once the claim is checked and the models registered: every run of this experiment that the flow
     trained or scored gets the verdict and, at the top of its description, the result; the parent run
@@ -154,7 +152,6 @@ def annotate_flow(spec: MethodSpec, trained: list[TrainedModel], evaluations: li
 
     A run reused from an earlier flow run (a cached training) is part of this verdict too, so it is
     annotated again; a training shared from another method's experiment is left to that method."""
-    from .register import registered_names
     client = MlflowClient(ctx.tracking_uri)
     parent = ctx.parent_run_id
     flow = f"[{parent_name(spec.name, verdict['verdict'])}]({tracking.run_link(ctx.experiment_id, parent)})"
@@ -245,7 +242,6 @@ def experiment_description(spec: MethodSpec, mp: MethodParams, ctx: tracking.Run
                            verdict: dict[str, Any] | None = None) -> str:
     """What the method is and claims, the latest flow run's verdict and how the runs are named. The
     experiment page shows the first paragraph, so it holds the verdict and the comparison's link."""
-    from .register import registered_names
     latest = ""
     if verdict is not None and ctx.parent_run_id:
         flow = tracking.run_link(ctx.experiment_id, ctx.parent_run_id)

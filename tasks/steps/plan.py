@@ -119,3 +119,13 @@ def plan(spec: Any, seeds: list[int], units: UnitsOf, derived: Derived = ()) -> 
     if not seeds:
         raise ValueError("a plan needs at least one seed")
     return RECIPES[spec.recipe](spec, list(seeds), units, list(derived))
+
+
+def registered_names(spec: Any) -> dict[str, str]:
+    """The method's product (its recipe's product role: a distilled student, or a cheaper model a
+    `compare` method checks) is registered under the method's name, with the teacher beside it; a
+    method whose product is its teacher (e.g. a forecaster checked against baselines) registers the
+    teacher under its name."""
+    if spec.product_role == "teacher":
+        return {"teacher": spec.name}
+    return {spec.product_role: spec.name, "teacher": f"{spec.name}_teacher"}

@@ -6,18 +6,9 @@ from typing import Any
 
 from ..methods import MethodSpec
 from ..platform import tracking
+from .plan import registered_names  # noqa: F401  (its home is the pure plan; flows import it here)
 from .annotate import data_line, role_label, run_ref, summary
 from .train_role import TrainedModel
-
-
-def registered_names(spec: MethodSpec) -> dict[str, str]:
-    """The method's product (its recipe's product role: a distilled student, or a cheaper model a
-    `compare` method checks) is registered under the method's name, with the teacher beside it; a
-    method whose product is its teacher (e.g. a forecaster checked against baselines) registers the
-    teacher under its name."""
-    if spec.product_role == "teacher":
-        return {"teacher": spec.name}
-    return {spec.product_role: spec.name, "teacher": f"{spec.name}_teacher"}
 
 
 def register_teacher(spec: MethodSpec, teacher: TrainedModel, ctx: tracking.RunContext) -> int:
