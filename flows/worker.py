@@ -72,6 +72,8 @@ def stop_children(grace: float) -> int:
         except psutil.NoSuchProcess:
             pass
     _, left = psutil.wait_procs(children, timeout=grace)
+    # and whatever a flow run started while it was ending
+    left += [c for c in psutil.Process().children(recursive=True) if c not in left]
     for child in left:
         try:
             child.kill()

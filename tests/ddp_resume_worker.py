@@ -1,6 +1,7 @@
 """A torchrun rank for tests/test_ddp.py's resume test: the one loop on a fixed toy set, DDP over
-gloo, a checkpoint every 3 steps; `crash_at` kills rank 1 (os._exit, like a SIGKILL: no cleanup)
-when it fetches that many batches. Rank 0 writes the final weights to `out`.
+gloo with the TernGrad hook (stochastic rounding: its draws must resume too), a checkpoint every 3
+steps; `crash_at` kills rank 1 (os._exit, like a SIGKILL: no cleanup) when it fetches that many
+batches. Rank 0 writes the final weights to `out`.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_resume_worker.py CKPT OUT [CRASH_AT]
 """
@@ -40,7 +41,7 @@ class Toy(BatchedDataset):
 
 
 def main(ckpt: str, out: str, crash_at: str | None = None) -> None:
-    parallel, _ = init_from_env(ParallelParams(nproc=2), torch.device("cpu"), seed=0)
+    parallel, _ = init_from_env(ParallelParams(nproc=2, comm_hook="terngrad"), torch.device("cpu"), seed=0)
     try:
         torch.manual_seed(0)
         model = models.create_model("digits_cnn")  # has dropout: each rank's RNG must resume too

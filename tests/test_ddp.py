@@ -155,7 +155,8 @@ def test_a_bad_parallel_setting_names_its_key(tmp_path, key, value, message):
 
 def test_a_killed_ddp_run_resumes_from_rank_0s_checkpoint_to_the_same_weights(tmp_path):
     """Rank 1 dies mid-epoch (after the step-6 checkpoint); the rerun loads the checkpoint on both
-    ranks, each its own RNG state and running sums, and ends bit-identical to a run never killed."""
+    ranks, each its own RNG state (dropout's, and TernGrad's rounding) and running sums, and ends
+    bit-identical to a run never killed."""
     from conftest import REPO
 
     def torchrun(*args):

@@ -33,6 +33,16 @@ pytestmark = pytest.mark.servers
 METHOD_CLI, METHOD_DEPLOYED = "fitnet_hint", "hinton_kd"
 
 
+def describe(pids):
+    import psutil
+    out = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p = psutil.Process(pid)
+            out.append(f"{pid} {p.status()} {' '.join(p.cmdline())[:200]}")
+    return out
+
+
 def sh(cmd, cwd, env, check=True, timeout=600):
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode:
@@ -270,9 +280,10 @@ def test_stopping_the_stack_with_a_run_in_flight_leaves_nothing_running(stack, r
     out, _ = proc.communicate(timeout=120)
     stopped_s = time.monotonic() - t0
     print(out, f"stack stopped in {stopped_s:.1f} s")
-    assert proc.returncode == 0 and stopped_s < 60
+    assert proc.returncode == 0 and stopped_s < 75  # the worker gives flow runs 30 s
     time.sleep(1)
-    assert sv.alive(pids) == []
+    left = sv.alive(pids)
+    assert left == [], (describe(left), Path(info["services"]["worker"]["log"]).read_text()[-4000:])
 
     # the record, read from PostgreSQL itself: no run left RUNNING in MLflow or in Prefect
     creds, state = stack["creds"], stack["state"]

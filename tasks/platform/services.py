@@ -109,15 +109,19 @@ class Service:
     log: Path
     stop_command: list[str] | None = None   # e.g. `pg_ctl stop`, instead of a signal
     pids: list[int] = field(default_factory=list)  # the tree at start-up, to check nothing is left
+    stop_timeout: float = 30.0   # how long `stop` waits for a clean exit before SIGKILL
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    def stop(self, timeout: float = 30.0) -> float:
-        """SIGTERM to the process group (or the stop command), SIGKILL after `timeout`; returns the
-        seconds it took."""
+    def stop(self, timeout: float | None = None) -> float:
+        """SIGTERM to the process group (or the stop command), SIGKILL after `timeout`; then SIGKILL
+        to whatever of the process's tree is left, in its group or not (Prefect starts flow runs in
+        sessions of their own). Returns the seconds it took."""
+        timeout = self.stop_timeout if timeout is None else timeout
         t0 = time.monotonic()
+        descendants = _tree(self.proc.pid)[1:]
         if self.proc.poll() is None:
             if self.stop_command:
                 subprocess.run(self.stop_command, capture_output=True, timeout=timeout)
@@ -129,6 +133,7 @@ class Service:
                 _signal_group(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         _signal_group(self.proc.pid, signal.SIGKILL)  # stragglers left in the group
+        _kill(alive(descendants))
         return time.monotonic() - t0
 
     def log_tail(self, n: int = 30) -> str:
@@ -141,6 +146,12 @@ class Service:
 def _signal_group(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -385,10 +396,13 @@ def client_env(prefect: Service | None, mlflow: Service | None, creds: Credentia
 
 
 def start_worker(pool: str, env: dict[str, str], log: Path, cwd: str | os.PathLike | None = None,
-                 timeout: float = 120.0) -> Service:
-    """`python -m flows.worker start --pool POOL` (a Prefect process worker that stops on SIGTERM)."""
-    cmd = [sys.executable, "-m", "flows.worker", "start", "--pool", pool]
-    svc = Service("worker", spawn("worker", cmd, log, env, cwd=cwd), url=env.get("PREFECT_API_URL", ""), log=log)
+                 timeout: float = 120.0, grace: float = 30.0) -> Service:
+    """`python -m flows.worker start --pool POOL` (a Prefect process worker that stops on SIGTERM,
+    giving its flow runs `grace` seconds to end)."""
+    cmd = [sys.executable, "-m", "flows.worker", "start", "--pool", pool, "--grace", f"{grace:g}"]
+    # `stop` must outwait the worker's own grace, or the worker dies before it can SIGKILL a flow run
+    svc = Service("worker", spawn("worker", cmd, log, env, cwd=cwd), url=env.get("PREFECT_API_URL", ""), log=log,
+                  stop_timeout=grace + 15.0)
     wait_until(lambda: "started" in log.read_text(errors="replace"), svc, timeout)
     svc.pids = _tree(svc.pid)
     return svc

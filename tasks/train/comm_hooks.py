@@ -48,22 +48,37 @@ def ternarize(g: torch.Tensor, scale: torch.Tensor, generator: torch.Generator) 
 
 
 class CommState:
-    """A hook's state: counts bytes and optimizer steps; terngrad's rounding generator, per rank."""
+    """A hook's state: counts bytes and optimizer steps, and keys terngrad's stochastic rounding.
+
+    The rounding of a layer's gradient at a step draws from a generator seeded by (seed, rank, step,
+    the layer's number), not from one running stream: DDP reorders its buckets after the first step
+    (and a resumed run has a first step of its own), which would reorder a stream's draws. So a
+    checkpoint needs only the step count (`rng_state`) to resume the same rounding."""
 
     def __init__(self, seed: int = 0, clip_sigmas: float = 2.5) -> None:
         self.seed, self.clip_sigmas = seed, clip_sigmas
-        self.bytes, self.steps = 0, 0
-        self._generator = None
+        self.bytes, self.steps = 0, 0   # since the last `take` (an epoch's comm_* metrics)
+        self.step = 0                   # optimizer steps of the whole training
+        self._layer_index: dict[int, int] = {}
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        if self._generator is None:  # seeded per rank: ranks must round independently
-            rank = dist.get_rank() if dist.is_initialized() else 0
-            self._generator = torch.Generator(device).manual_seed(self.seed * 1009 + rank)
-        return self._generator
+    def rounding_generator(self, param: torch.Tensor, device: torch.device) -> torch.Generator:
+        # a layer's number is the order it first reached the hook: DDP's first step always hands the
+        # buckets over in the same order (reversed parameters), in a resumed run too
+        layer = self._layer_index.setdefault(id(param), len(self._layer_index))
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        key = hash((self.seed, rank, self.step, layer)) & (2**63 - 1)
+        return torch.Generator(device).manual_seed(key)
+
+    def rng_state(self) -> torch.Tensor:
+        return torch.tensor([self.step])
+
+    def set_rng_state(self, state: torch.Tensor | None) -> None:
+        self.step = 0 if state is None else int(state[0])
 
     def record(self, n_bytes: int, bucket: dist.GradBucket) -> None:
         self.bytes += n_bytes
         self.steps += bucket.is_last()  # one call per bucket; the last bucket closes a step
+        self.step += bucket.is_last()
 
     def take(self) -> dict[str, float]:
         out = {"comm_bytes_per_step": self.bytes / self.steps, "comm_steps": float(self.steps)} if self.steps else {}
@@ -86,8 +101,8 @@ def terngrad_hook(state: CommState, bucket: dist.GradBucket) -> torch.futures.Fu
     layers = [clip_by_std(g, state.clip_sigmas) for g in buffer.split(sizes)]
     scales = torch.stack([g.abs().max() for g in layers]).float()
     dist.all_reduce(scales, op=dist.ReduceOp.MAX)  # scale sharing: every rank rounds to the same scale
-    generator = state.generator(buffer.device)
-    digits = torch.cat([ternarize(g, s.to(g.dtype), generator) for g, s in zip(layers, scales)])
+    digits = torch.cat([ternarize(g, s.to(g.dtype), state.rounding_generator(p, buffer.device))
+                        for g, s, p in zip(layers, scales, bucket.parameters())])
     packed = pack_ternary(digits)
     state.record(packed.numel() + scales.numel() * scales.element_size(), bucket)
 

@@ -162,7 +162,7 @@ def fit(model: nn.Module, criterion: DistillationLoss, train_set: Any, cfg: Trai
         criterion.load_state_dict(state["criterion"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"][parallel.rank])
+        parallel.set_rng_state(state["rng"][parallel.rank])
         first_epoch, step, done, sums, history = (state["epoch"], state["step"], state["done"],
                                                   state["sums"][parallel.rank], state["history"])
         sampler.restart(state["epoch_start"], done)
@@ -192,7 +192,7 @@ def fit(model: nn.Module, criterion: DistillationLoss, train_set: Any, cfg: Trai
                     parts_sum[k] = parts_sum.get(k, 0.0) + v * size
                 if checkpoint.due(step):
                     # each rank's own RNG state and running sums; the weights are the same on all
-                    rngs = parallel.gather(torch.get_rng_state())
+                    rngs = parallel.gather(parallel.rng_state())
                     rank_sums = parallel.gather((loss_sum, dict(parts_sum)))
                     if parallel.is_main:
                         checkpoint.save({"model": model.state_dict(), "criterion": criterion.state_dict(),

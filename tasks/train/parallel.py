@@ -81,6 +81,18 @@ class Parallel:
         dist.all_gather_object(out, obj)
         return out
 
+    def rng_state(self) -> dict[str, torch.Tensor | None]:
+        """This rank's random state: the global CPU generator (dropout, augmentation) and the
+        communication hook's, if it draws (TernGrad's stochastic rounding: its step count)."""
+        state = self.comm_hook[0] if self.comm_hook else None
+        return {"cpu": torch.get_rng_state(), "comm": state.rng_state() if hasattr(state, "rng_state") else None}
+
+    def set_rng_state(self, saved: dict[str, torch.Tensor | None]) -> None:
+        torch.set_rng_state(saved["cpu"])
+        state = self.comm_hook[0] if self.comm_hook else None
+        if hasattr(state, "set_rng_state"):
+            state.set_rng_state(saved["comm"])
+
     def comm_stats(self) -> dict[str, float]:
         """What the communication hook counted since the last call (`comm_*` metrics), if it counts."""
         state = self.comm_hook[0] if self.comm_hook else None
