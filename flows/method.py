@@ -19,7 +19,7 @@ from prefect import flow
 
 from tasks.kinds import get_kind
 from tasks.methods import resolve
-from tasks.platform.common import cli_main
+from tasks.platform.common import stage_main
 from tasks.platform.lineage import code_hash, run_lineage, training_code_paths
 from tasks.platform.tracking import parent_run
 from tasks.steps.annotate import parent_name, run_source, summary
@@ -115,4 +115,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli_main(main)
+    stage_main(main)

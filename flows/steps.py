@@ -18,7 +18,7 @@ from prefect.utilities.hashing import hash_objects
 
 from tasks.kinds import Unit, get_kind
 from tasks.methods import MethodSpec
-from tasks.platform import tracking
+from tasks.platform import tracking, validation
 from tasks.platform.common import StageError, hash_path
 from tasks.platform.params import MethodParams, TrainParams
 from tasks.steps import annotate, claims, evaluate as scoring, register as registry, report as reporting, train_role
@@ -62,9 +62,13 @@ def pull_data(data_dir: str) -> str:
 
 @task(name="validate-inputs", **IO_RETRIES)
 def validate_inputs(kind: str, data_dir: str) -> str:
-    """Runs the data contract's Great Expectations suites on the method's inputs; returns their hash."""
-    get_kind(kind).load(data_dir, validate=True)
-    return hash_path(data_dir)
+    """Runs the data contract's Great Expectations suites on the method's inputs, unless these very
+    bytes passed this contract before (tasks.platform.validation); returns their hash."""
+    data_hash = hash_path(data_dir)
+    if not validation.passed_before(kind, data_hash):
+        get_kind(kind).load(data_dir, validate=True)
+        validation.remember_pass(kind, data_hash, data_dir)
+    return data_hash
 
 
 @task(name="open-experiment", **IO_RETRIES)

@@ -1,8 +1,16 @@
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 
 from tasks.platform.common import StageError, atomic_dir, atomic_path, hash_path, write_json
 from tasks.platform.lineage import dvc_lock_md5
 from tasks.platform.params import load_params, stage_params
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_atomic_path_publishes_only_on_success(tmp_path):
@@ -116,3 +124,32 @@ def test_a_full_disk_names_the_output_not_the_temporary(tmp_path):
             tmp.write_text("{")
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
     assert e.value.path == str(dest) and list(dest.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("body, code, err", [
+    ("pass", 0, ""),
+    ("raise StageError('data/x', 'broken')", 1, "error: data/x: broken\n"),
+])
+def test_stage_main_exits_as_python_would_less_the_teardown(tmp_path, body, code, err):
+    """stage_main joins non-daemon threads and runs atexit handlers before os._exit, so whatever
+    they write lands; buffered stdout is flushed; the exit status is cli_main's."""
+    script = tmp_path / "stage.py"
+    script.write_text(textwrap.dedent(f"""
+        import atexit, sys, threading, time
+        from pathlib import Path
+        from tasks.platform.common import StageError, stage_main
+        out = Path(sys.argv[1])
+        def main(argv):
+            def late():
+                time.sleep(0.3)
+                (out / "thread").write_text("joined")
+            threading.Thread(target=late).start()
+            atexit.register(lambda: (out / "atexit").write_text("ran"))
+            print("buffered", end="")
+            {body}
+        stage_main(main)
+    """))
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert (proc.returncode, proc.stdout, proc.stderr) == (code, "buffered", err)
+    assert (tmp_path / "thread").read_text() == "joined" and (tmp_path / "atexit").read_text() == "ran"

@@ -198,3 +198,30 @@ def test_bad_data_of_the_new_kind_fails_before_training(tmp_path):
     from tasks.kinds import get_kind
     with pytest.raises(StageError, match="points.npz: non-finite values"):
         get_kind("seam_regression").load(str(tmp_path / "points"), validate=True)
+
+
+def test_inputs_that_passed_their_contract_are_validated_again_only_when_their_bytes_change(tmp_path, monkeypatch):
+    """flows.steps.validate_inputs remembers a pass by content hash: methods sharing a data set
+    validate it once; changed bytes are validated again, and fail."""
+    from flows import steps
+    from tasks.kinds import get_kind
+    from tasks.platform import validation
+    monkeypatch.setattr(validation, "PASSES", tmp_path / "passes")
+    kind, loads = get_kind("seam_regression"), []
+    load = type(kind).load
+
+    def counted_load(self, data_dir, validate=False):
+        loads.append(data_dir)
+        return load(self, data_dir, validate)
+    monkeypatch.setattr(type(kind), "load", counted_load)
+    write_points(tmp_path / "points")
+    first = steps.validate_inputs.fn("seam_regression", str(tmp_path / "points"))
+    again = steps.validate_inputs.fn("seam_regression", str(tmp_path / "points"))
+    assert first == again and len(loads) == 1 and len(list((tmp_path / "passes").iterdir())) == 1
+
+    z = dict(np.load(tmp_path / "points" / "points.npz"))
+    z["val_y"][3] = np.nan
+    np.savez(tmp_path / "points" / "points.npz", **z)
+    with pytest.raises(StageError, match="non-finite values"):
+        steps.validate_inputs.fn("seam_regression", str(tmp_path / "points"))
+    assert len(loads) == 2 and len(list((tmp_path / "passes").iterdir())) == 1

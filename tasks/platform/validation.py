@@ -3,17 +3,27 @@
 Every stage validates its output before writing it, and every consumer its input before training on
 it, with the suites of the data's contract (`tasks/kinds/<kind>/schema.py`). Suites are functions
 returning fresh expectation lists (GX binds an expectation to one suite).
+
+A consumer's pass is remembered (`passed_before`, `remember_pass`): the same bytes (content hash)
+checked by the same contract code and GX version pass again, so the methods that share a data set
+validate it once on a machine, not once each (importing GX alone takes ~3.5 s a process here). Any
+change to the data or to the contract's code validates again.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import uuid
+from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 
-from .common import StageError
+from .common import REPO_ROOT, StageError, write_json
+from .lineage import code_hash
+
+PASSES = REPO_ROOT / ".validations"   # one file per (kind, data hash, contract code, GX version)
 
 Suite = Callable[[], list[Any]]
 
@@ -71,3 +81,19 @@ def _describe(r: Any) -> str:
              and not (k == "value_set" and len(v) > 10)}
     observed = res.get("observed_value", res.get("unexpected_count"))
     return f"{cfg.type}({', '.join(f'{k}={fmt(v)}' for k, v in shown.items())}) observed {fmt(observed)}"
+
+
+def _pass_file(kind: str, data_hash: str) -> Path:
+    from importlib.metadata import version
+    contract = code_hash((f"tasks/kinds/{kind}", "tasks/kinds/base.py", "tasks/platform/validation.py"))
+    key = hashlib.sha256(f"{kind}|{data_hash}|{contract}|{version('great-expectations')}".encode()).hexdigest()
+    return PASSES / f"{kind}-{key[:32]}.json"
+
+
+def passed_before(kind: str, data_hash: str) -> bool:
+    """Whether data with this content hash passed the `kind` contract as the code stands now."""
+    return _pass_file(kind, data_hash).is_file()
+
+
+def remember_pass(kind: str, data_hash: str, data_dir: str) -> None:
+    write_json(_pass_file(kind, data_hash), {"kind": kind, "data": data_dir, "data_hash": data_hash})

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..kinds.classification.schema import N_PIXELS, PIXEL_COLUMNS, SCHEMA, SPLITS, validate_split
-from ..platform.common import StageError, atomic_dir, cli_main, write_json
+from ..platform.common import StageError, atomic_dir, stage_main, write_json
 from ..platform.params import stage_params
 
 OUT_DIR = "data/digits"
@@ -97,4 +97,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli_main(main)
+    stage_main(main)

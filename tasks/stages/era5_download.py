@@ -58,7 +58,7 @@ import pandas as pd
 import xarray as xr
 
 from ..kinds.forecast.schema import VARIABLES, short_name
-from ..platform.common import StageError, atomic_dir, cli_main
+from ..platform.common import StageError, atomic_dir, stage_main
 from ..platform.params import naming_profile, pop_profile, stage_params
 from ..platform.progress import dask_progress, progress_bar
 from .era5_harmonise import check_raw
@@ -484,4 +484,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli_main(main)
+    stage_main(main)

@@ -90,7 +90,7 @@ from dask.base import is_dask_collection
 from ..kinds.forecast.schema import (DIMS_SURFACE, DIMS_UPPER, MEMBER, SPLITS, VARIABLES, open_store,
                                      surface_vars, upper_vars, validate_splits)
 from ..platform import dask_cluster
-from ..platform.common import StageError, atomic_dir, cli_main, write_json
+from ..platform.common import StageError, atomic_dir, stage_main, write_json
 from ..platform.params import naming_profile, pop_profile, stage_params
 from .era5_harmonise import harmonise
 
@@ -737,4 +737,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli_main(main)
+    stage_main(main)

@@ -31,7 +31,7 @@ import numpy as np
 from ..kinds.detection3d.boxes import points_in_boxes
 from ..kinds.detection3d.io import (KittiCalib, kitti_boxes_to_lidar, kitti_frames, read_kitti_calib,
                                     read_kitti_frame, read_kitti_labels)
-from ..platform.common import StageError, atomic_dir, cli_main, read_json, write_json
+from ..platform.common import StageError, atomic_dir, stage_main, read_json, write_json
 from ..platform.params import ScansParams, naming_profile, pop_profile, stage_params
 
 SPLITS = ("train", "val", "test")
@@ -316,4 +316,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli_main(main)
+    stage_main(main)

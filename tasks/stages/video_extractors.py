@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from models.video_encoders import create_extractor, save_extractor
-from ..platform.common import StageError, atomic_dir, cli_main, write_json
+from ..platform.common import StageError, atomic_dir, stage_main, write_json
 from ..platform.params import naming_profile, pop_profile, stage_params
 from ..platform.progress import progress_bar
 from .video_io import BadVideo, iter_frames
@@ -270,4 +270,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli_main(main)
+    stage_main(main)

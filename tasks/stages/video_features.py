@@ -37,7 +37,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ..kinds.localization import schema
-from ..platform.common import StageError, cli_main, write_json
+from ..platform.common import StageError, stage_main, write_json
 from ..platform.params import naming_profile, pop_profile, stage_params
 from ..platform.progress import progress_bar
 from .video_extractors import read_text_embeddings
@@ -455,4 +455,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli_main(main)
+    stage_main(main)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..platform.common import StageError, atomic_dir, cli_main, read_json, write_json
+from ..platform.common import StageError, atomic_dir, stage_main, read_json, write_json
 from ..platform.params import naming_profile, pop_profile, stage_params
 from . import video_synthetic as synth
 from .video_io import encoder_name, sha256_file, write_video
@@ -269,4 +269,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli_main(main)
+    stage_main(main)

@@ -22,7 +22,7 @@ from models.voxelize import HardVoxelizer, VoxelGrid, voxel_features
 
 from ..kinds.detection3d.io import KittiFrame, kitti_frames, read_kitti_frame
 from ..kinds.detection3d.schema import VoxelFrame, validate_frames, write_frame
-from ..platform.common import StageError, atomic_dir, cli_main, write_json
+from ..platform.common import StageError, atomic_dir, stage_main, write_json
 from ..platform.params import VoxelizeParams, naming_profile, pop_profile, stage_params
 from .scans import kitti_root, read_manifest, sha256_file
 
@@ -101,4 +101,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli_main(main)
+    stage_main(main)
