@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -163,7 +164,11 @@ def _running(pid: int) -> bool:
 def main(argv: list[str]) -> None:
     # SIGTERM (a stopped job, a test's clean-up) unwinds like Ctrl-C, so the server stops with us
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    sys.exit(repro(argv))
+    t0 = time.monotonic()
+    code = repro(argv)
+    minutes, seconds = divmod(round(time.monotonic() - t0), 60)
+    print(f"pipeline: {'done' if code == 0 else f'failed (dvc exited {code})'} in {minutes} min {seconds} s")
+    sys.exit(code)
 
 
 if __name__ == "__main__":
