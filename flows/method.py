@@ -25,7 +25,7 @@ from tasks.platform.tracking import parent_run
 from tasks.steps.annotate import parent_name, run_source, summary
 from tasks.steps.claims import describe
 from tasks.steps.plan import plan
-from tasks.steps.register import registered_names
+from tasks.steps.plan import registered_names
 from tasks.steps.train_role import role_params
 
 from . import steps as s

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..methods import MethodSpec
 from ..platform import tracking
-from .plan import registered_names  # noqa: F401  (its home is the pure plan; flows import it here)
+from .plan import registered_names
 from .annotate import data_line, role_label, run_ref, summary
 from .train_role import TrainedModel
 
