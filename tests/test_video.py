@@ -194,15 +194,21 @@ def test_a_bad_video_is_skipped_and_reported_when_params_allow(work, tmp_path):
     assert set(pq.read_table(w / vf.FEATURES / "segments.parquet")["video_id"].to_pylist()) <= {"video_0000", "video_0002"}
 
 
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory) -> Path:
+    """20 000 small frames: seconds of extraction (about 2.6 s on 2 cores), so a signal sent 0.3 s after the
+    stage starts it lands mid-video. 4 000 frames took 0.53 s here, and CI once finished them first."""
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    return vf.encode(tmp_path_factory.mktemp("long") / "long.mp4", [np.roll(base, i, 1) for i in range(20_000)])
+
+
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
-def test_an_interrupted_run_leaves_no_temporary_file(work, tmp_path, sig, code, word):
+def test_an_interrupted_run_leaves_no_temporary_file(work, long_video, tmp_path, sig, code, word):
     w = copy_work(work, tmp_path)
     import shutil
     shutil.rmtree(w / vf.FEATURES)
-    # a long video, so the stage is still extracting when it is stopped
-    rng = np.random.default_rng(1)
-    base = rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)
-    vf.encode(w / vf.VIDEOS / "video_0003.mp4", [np.roll(base, i, 1) for i in range(4000)])
+    shutil.copyfile(long_video, w / vf.VIDEOS / "video_0003.mp4")  # still extracting when it is stopped
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "tasks.stages.video_features", "--profile", "t", vf.VIDEOS,
                              vf.FEATURES], cwd=w, env=env, stderr=subprocess.PIPE, text=True,
