@@ -36,3 +36,17 @@ def pipeline(tmp_path_factory):
     """(root, env, first `dvc repro`) of the whole pipeline in a temporary copy (tests/e2e_pipeline.py)."""
     from e2e_pipeline import run_pipeline
     return run_pipeline(tmp_path_factory)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_prefect_temporary_servers():
+    """Flows run in this process start Prefect's temporary API server, which stops itself at exit and
+    logs so to a stream pytest has closed by then (a '--- Logging error ---' after the summary). Stop
+    it while the session's streams are still open."""
+    yield
+    server = sys.modules.get("prefect.server.api.server")
+    if server is not None:
+        from prefect.logging.handlers import APILogWorker
+        APILogWorker.drain_all(timeout=5)  # the flows' last logs, while the server still takes them
+        for instance in list(server.SubprocessASGIServer._instances.values()):
+            instance.stop()
