@@ -128,3 +128,22 @@ def test_methods_with_the_same_teacher_share_its_training():
     assert key("pangu", "teacher") != _training_identity(None, {"spec": get_method("pangu"), "role": "teacher",
                                                                 "ctx": other_store})
 
+
+
+def test_the_committed_lock_records_the_code_as_it_is():
+    """dvc.lock's hash of every code dep (flows/, tasks/, models/) is the code's: an edit to a stage's
+    code without `dvc repro` or `dvc commit` would make a fresh clone's first `make run` look stale
+    for the wrong reason, and hide which stages an edit really touches."""
+    from dvc.repo import Repo
+    from dvc_data.hashfile.build import build
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())
+    recorded = {d["path"]: (d["md5"], d["size"]) for stage in lock["stages"].values()
+                for d in stage.get("deps", []) if d["path"].startswith(("flows/", "tasks/", "models/"))}
+    assert recorded
+    stale = []
+    with Repo(str(REPO)) as repo:
+        for path, (md5, size) in sorted(recorded.items()):
+            _, meta, obj = build(repo.cache.local, str(REPO / path), repo.fs, "md5", ignore=repo.dvcignore)
+            if (obj.hash_info.value, meta.size) != (md5, size):
+                stale.append(f"{path}: lock {md5} ({size} B), code {obj.hash_info.value} ({meta.size} B)")
+    assert stale == []

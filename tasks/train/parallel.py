@@ -37,6 +37,12 @@ class Parallel:
         """The rank that logs, checkpoints and registers."""
         return self.rank == 0
 
+    @property
+    def hook_state(self) -> Any:
+        """The communication hook's state (comm_hooks.CommState: bytes counted, rounding keyed), or
+        None without a hook."""
+        return self.comm_hook[0] if self.comm_hook else None
+
     def wrap(self, model: nn.Module) -> nn.Module:
         net = self.parallelize(model)
         if self.comm_hook is not None:
@@ -84,19 +90,17 @@ class Parallel:
     def rng_state(self) -> dict[str, torch.Tensor | None]:
         """This rank's random state: the global CPU generator (dropout, augmentation) and the
         communication hook's, if it draws (TernGrad's stochastic rounding: its step count)."""
-        state = self.comm_hook[0] if self.comm_hook else None
+        state = self.hook_state
         return {"cpu": torch.get_rng_state(), "comm": state.rng_state() if hasattr(state, "rng_state") else None}
 
     def set_rng_state(self, saved: dict[str, torch.Tensor | None]) -> None:
         torch.set_rng_state(saved["cpu"])
-        state = self.comm_hook[0] if self.comm_hook else None
-        if hasattr(state, "set_rng_state"):
-            state.set_rng_state(saved["comm"])
+        if hasattr(self.hook_state, "set_rng_state"):
+            self.hook_state.set_rng_state(saved["comm"])
 
     def comm_stats(self) -> dict[str, float]:
         """What the communication hook counted since the last call (`comm_*` metrics), if it counts."""
-        state = self.comm_hook[0] if self.comm_hook else None
-        return state.take() if hasattr(state, "take") else {}
+        return self.hook_state.take() if hasattr(self.hook_state, "take") else {}
 
 
 SINGLE = Parallel()
