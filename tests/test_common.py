@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,25 @@ def test_stage_main_exits_as_python_would_less_the_teardown(tmp_path, body, code
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert (proc.returncode, proc.stdout, proc.stderr) == (code, "buffered", err)
     assert (tmp_path / "thread").read_text() == "joined" and (tmp_path / "atexit").read_text() == "ran"
+
+
+def test_a_failed_directory_is_removed_after_zarrs_io_loop_finishes_its_writes(tmp_path):
+    """An interrupt ends the wait in zarr's `sync`, not the write: its coroutines go on, on zarr's own
+    event-loop thread, and would re-create the temporary directory after it was removed. Here a
+    chunk lands 1 s after the failure, past any fixed quiet period (0.5 s)."""
+    import asyncio
+
+    from zarr.core.sync import _get_loop
+
+    async def late_chunk(tmp):
+        await asyncio.sleep(1.0)
+        (tmp / "t2m" / "c").mkdir(parents=True, exist_ok=True)
+        (tmp / "t2m" / "c" / "0").write_bytes(b"chunk")
+
+    dest = tmp_path / "prepared"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(dest) as tmp:
+            asyncio.run_coroutine_threadsafe(late_chunk(tmp), _get_loop())  # what sync() leaves running
+            raise KeyboardInterrupt
+    time.sleep(1.5)
+    assert list(tmp_path.iterdir()) == []

@@ -151,13 +151,32 @@ def _atomic_dir(dest: Path) -> Iterator[Path]:
             os.replace(tmp, dest)
     finally:
         if tmp.exists():
+            _settle_zarr_io()
             _remove_until_settled(tmp)
 
 
+def _settle_zarr_io(timeout: float = 30.0) -> None:
+    """Waits for the writes still running on zarr's I/O event loop. An interrupt ends the caller's
+    wait in zarr's `sync`, not the write: its coroutines go on, on zarr's own thread, and would
+    re-create a temporary directory after it was removed. Nothing to do where zarr is not loaded."""
+    zarr_sync = sys.modules.get("zarr.core.sync")
+    loop = zarr_sync.loop[0] if zarr_sync is not None else None
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+    import asyncio  # loaded already, with zarr
+
+    async def others_done() -> None:
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+    with contextlib.suppress(Exception):  # a broken loop must not hide the error being raised
+        asyncio.run_coroutine_threadsafe(others_done(), loop).result(timeout + 5)
+
+
 def _remove_until_settled(path: Path, quiet: float = 0.5, limit: float = 5.0) -> None:
-    """Removes a failed temporary directory, again if it reappears within `quiet` seconds: after an
-    interrupt, an I/O thread of the writing library (zarr's event loop) may still finish a chunk,
-    re-creating the directory. Whatever comes later still is swept by the next writer."""
+    """Removes a failed temporary directory, again if it reappears within `quiet` seconds: a thread
+    of the writing library (a Dask worker's task) may still finish a chunk, re-creating the
+    directory. Whatever comes later still is swept by the next writer."""
     deadline = time.monotonic() + limit
     shutil.rmtree(path, ignore_errors=True)
     settled_at = time.monotonic() + quiet
