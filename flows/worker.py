@@ -14,7 +14,8 @@ A worker host needs (README, "Running on GPU workers"):
 `start` runs Prefect's process worker under our own signal handling: `prefect worker start` in
 Prefect 3.8 ignores SIGTERM and SIGINT (the CLI turns them into a cancellation that anyio's task
 group swallows) and has to be SIGKILLed. Here the first SIGTERM/SIGINT stops polling, gives running
-flow runs SIGTERM and `--grace` seconds to end (their MLflow runs close as KILLED), then exits.
+flow runs SIGTERM and `--grace` seconds to end (their MLflow runs close as KILLED), SIGKILLs a
+flow run still running then and ends its records for it (Prefect: Crashed, MLflow: KILLED), and exits.
 """
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ def preflight(env: dict[str, str] | None = None) -> None:
 # the worker
 
 def stop_children(grace: float) -> int:
-    """SIGTERM to this process's children (the flow runs), SIGKILL to whatever is left after `grace`."""
+    """SIGTERM to this process's children (the flow runs), SIGKILL to whatever is left after `grace`;
+    then the records of the flow runs killed so are ended for them (`end_killed_flow_runs`)."""
     import psutil
     children = psutil.Process().children(recursive=True)
     for child in children:
@@ -74,12 +76,45 @@ def stop_children(grace: float) -> int:
     _, left = psutil.wait_procs(children, timeout=grace)
     # and whatever a flow run started while it was ending
     left += [c for c in psutil.Process().children(recursive=True) if c not in left]
+    killed_flow_runs = set()
     for child in left:
         try:
+            killed_flow_runs.add(child.environ().get("PREFECT__FLOW_RUN_ID"))  # unreadable once it is gone
             child.kill()
-        except psutil.NoSuchProcess:
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
+    psutil.wait_procs(left, timeout=5)
+    killed_flow_runs.discard(None)
+    if killed_flow_runs:
+        end_killed_flow_runs(sorted(killed_flow_runs), grace)
     return len(children)
+
+
+def end_killed_flow_runs(flow_run_ids: list[str], grace: float) -> None:
+    """What a flow run SIGKILLed after its grace could not close itself: its Prefect flow run becomes
+    Crashed, and its MLflow runs, whose owner process is gone, KILLED (as the next flow on this host
+    would mark them, `tracking.end_orphaned_runs`). Best effort: the servers may be going too."""
+    from uuid import UUID
+
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    from tasks.platform.tracking import end_orphaned_runs
+    message = f"killed by the worker: still running {grace:.0f} s after SIGTERM"
+    runs = ", ".join(flow_run_ids)
+    try:
+        with get_client(sync_client=True) as client:
+            for flow_run_id in flow_run_ids:
+                client.set_flow_run_state(UUID(flow_run_id), Crashed(message=message), force=True)
+        mlflow = MlflowClient()  # MLFLOW_TRACKING_URI: a worker's preflight requires it
+        for experiment in mlflow.search_experiments():
+            end_orphaned_runs(mlflow, experiment.experiment_id)
+    except Exception as e:  # noqa: BLE001  (the worker is stopping; say so and go on)
+        print(f"worker: could not end the records of killed flow run(s) {runs}: {e}", flush=True)
+    else:
+        print(f"worker: flow run(s) {runs} {message}; marked Crashed (Prefect) and their runs KILLED (MLflow)",
+              flush=True)
 
 
 async def run_worker(pool: str, name: str | None = None, limit: int | None = None, grace: float = 30.0) -> None:

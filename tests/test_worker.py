@@ -4,6 +4,7 @@ import importlib
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,31 @@ def test_a_tracking_server_keeps_artifacts_itself_and_reports_redact_passwords(t
     assert artifact_location("sqlite:////x/mlflow.db", "s3://bucket/a", "m") == "s3://bucket/a/m"
     assert redact("http://alice:s3cret@mlflow:5000") == "http://alice:***@mlflow:5000"
     assert redact("http://mlflow:5000") == "http://mlflow:5000"
+
+
+def test_a_flow_run_that_outlives_its_grace_is_killed_and_its_records_are_ended(tmp_path):
+    """stop_children SIGKILLs a flow-run process still running after the grace and hands its flow-run
+    id (read from its environment before the kill) to end_killed_flow_runs. In a process of its own:
+    stop_children stops every child of the process it runs in."""
+    script = tmp_path / "worker_stop.py"
+    script.write_text(textwrap.dedent("""
+        import os, subprocess, sys
+        import flows.worker as w
+        ended = []
+        w.end_killed_flow_runs = lambda ids, grace: ended.extend(ids)
+        ignores = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(60)"
+        obeys = "import time; print(1, flush=True); time.sleep(60)"
+        stubborn = subprocess.Popen([sys.executable, "-c", ignores], stdout=subprocess.PIPE,
+                                    env={**os.environ, "PREFECT__FLOW_RUN_ID": "0b6a4b3e-7c1d-4a55-9d0e-2f6c1a9b8e01"})
+        polite = subprocess.Popen([sys.executable, "-c", obeys], stdout=subprocess.PIPE,
+                                  env={**os.environ, "PREFECT__FLOW_RUN_ID": "5d1f0c2a-0000-4000-8000-000000000002"})
+        stubborn.stdout.readline(), polite.stdout.readline()  # both run, SIGTERM handling in place
+        n = w.stop_children(grace=1.0)
+        import psutil
+        print(n, ended, [psutil.pid_exists(p.pid) for p in (stubborn, polite)])
+    """))
+    out = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    # both stopped; only the one that ignored SIGTERM was left to kill, and has its records ended
+    assert out.stdout.splitlines()[-1] == "2 ['0b6a4b3e-7c1d-4a55-9d0e-2f6c1a9b8e01'] [False, False]"
